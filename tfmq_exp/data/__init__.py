@@ -1,0 +1,1 @@
+"""Datasets the models are trained on and evaluated against."""

@@ -1,0 +1,1 @@
+"""Samplers over the training noise schedule, and one-pass calibration-data collection."""

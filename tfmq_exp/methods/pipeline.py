@@ -1,0 +1,220 @@
+"""Stages shared by BRECQ, Q-Diffusion and TFMQ-DM (ALGORITHMS.md §1.4-1.5, §5.4-5.6).
+
+* ``weight_stage``: AdaRound each unit in registration order; inputs from the partially
+  quantized model (asym), targets from the FP model; activations off.
+* ``lsq_stage``: activation step learning per unit; inputs and targets from the FP model.
+* ``tiar_stage``: AdaRound of the Temporal Information Block on its own features.
+* ``fsc_stage``: per-step activation tables from EMA min/max on each step's samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from tfmq_exp.diffusion.calib_data import CalibPool
+from tfmq_exp.quant.modules import QuantMixin, quant_modules
+from tfmq_exp.quant.quantizer import UniformQuantizer
+from tfmq_exp.quant.steps import step_context
+from tfmq_exp.quant.swap import activation_quantizers
+from tfmq_exp.quant.swap import set_quant_state as _set_layers
+from tfmq_exp.recon.capture import capture_inputs, capture_outputs
+from tfmq_exp.recon.engine import FabricRunner, ReconSettings, lp_loss, optimize_rounding, optimize_steps
+
+log = logging.getLogger("tfmq_exp")
+
+
+def set_quant_state(model: nn.Module, weight: bool | None = None, act: bool | None = None) -> None:
+    """Layer quantizers as the rules allow, plus attention-matmul quantizers where installed."""
+    from tfmq_exp.models.attention import set_attention_quant_state
+
+    _set_layers(model, weight, act)
+    if act is not None:
+        set_attention_quant_state(model, act)
+
+
+def all_act_quantizers(model: nn.Module) -> list[UniformQuantizer]:
+    from tfmq_exp.models.attention import attention_quantizers
+
+    return list(activation_quantizers(model)) + list(attention_quantizers(model).values())
+
+
+def settings_from(recon: Any) -> ReconSettings:
+    return ReconSettings(
+        iters=int(recon.iters), batch_size=int(recon.batch_size), lr=float(recon.weight_lr),
+        reg_weight=float(recon.reg_weight), warmup=float(recon.warmup), beta_start=float(recon.beta_start),
+        beta_end=float(recon.beta_end), act_iters=int(recon.act_iters), act_lr=float(recon.act_lr),
+    )
+
+
+def runner_from(trainer: Any) -> FabricRunner:
+    return FabricRunner(trainer.accelerator, trainer.devices, trainer.strategy, trainer.precision, trainer.num_nodes)
+
+
+def _run(model: nn.Module, batch: tuple) -> Any:
+    return model(batch[0], batch[1])
+
+
+def _call(unit: nn.Module, args: list, kwargs: dict) -> torch.Tensor:
+    out = unit(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def weight_quantizers_of(layers: list[QuantMixin]) -> list[UniformQuantizer]:
+    """Enable AdaRound on the layers' weight quantizers (split halves separately)."""
+    qs = []
+    for layer in layers:
+        if not layer.allow_weight_quant:
+            continue
+        w = layer.weight.detach()
+        if layer.split:
+            layer.weight_quantizer.enable_adaround(w[:, : layer.split])
+            layer.weight_quantizer_split.enable_adaround(w[:, layer.split :])
+            qs += [layer.weight_quantizer, layer.weight_quantizer_split]
+        else:
+            layer.weight_quantizer.enable_adaround(w)
+            qs.append(layer.weight_quantizer)
+    return qs
+
+
+def weight_stage(
+    qmodel: nn.Module, fp_model: nn.Module, units: list[Any], pool: CalibPool, s: ReconSettings,
+    runner: FabricRunner, seed: int, exclude: set[str] = frozenset(), cache_batch: int = 32,
+) -> list[dict[str, Any]]:
+    """AdaRound every unit; layers in ``exclude`` keep their current rounding (e.g. TIAR's)."""
+    set_quant_state(qmodel, weight=True, act=False)
+    fp_modules = dict(fp_model.named_modules())
+    reports = []
+    dev = runner.device
+    for i, unit in enumerate(units):
+        layers = [m for n, m in quant_modules(unit.module) if f"{unit.name}.{n}".rstrip(".") not in exclude]
+        if isinstance(unit.module, QuantMixin) and unit.name not in exclude:
+            layers = [unit.module]
+        layers = [m for m in layers if m.allow_weight_quant]
+        if not layers:
+            continue
+        inputs = capture_inputs(qmodel, unit.module, pool.batches(cache_batch), _run)
+        targets = capture_outputs(fp_model, fp_modules[unit.name], pool.batches(cache_batch), _run)
+        targets = targets.to(dev)
+
+        def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
+            args, kwargs = inputs.select(idx, dev)
+            return lp_loss(_call(unit.module, args, kwargs), targets[idx.to(targets.device)])
+
+        qs = weight_quantizers_of(layers)
+        rep = optimize_rounding(qs, loss_fn, inputs.n, s, runner, seed + i, desc=f"adaround {unit.name}")
+        reports.append({"unit": unit.name, "kind": unit.kind, "stage": "weight", **rep})
+        log.info("unit %-40s loss %.4g -> %.4g (%.1f s)", unit.name, rep["loss_before"], rep["loss_after"],
+                 rep["wall_s"])
+    return reports
+
+
+def lsq_stage(
+    qmodel: nn.Module, fp_model: nn.Module, units: list[Any], pool: CalibPool, s: ReconSettings,
+    runner: FabricRunner, seed: int, cache_batch: int = 32, skip_bits: int = 16,
+) -> list[dict[str, Any]]:
+    """LSQ per unit with FP inputs and targets (asym=False); quantizers at >= skip_bits stay fixed."""
+    set_quant_state(qmodel, weight=True, act=True)
+    fp_modules = dict(fp_model.named_modules())
+    dev = runner.device
+    reports = []
+    for i, unit in enumerate(units):
+        qs = [m for m in unit.module.modules() if isinstance(m, UniformQuantizer) and not m.per_channel
+              and m.enabled and m.initialized and m.n_bits < skip_bits]
+        if not qs:
+            continue
+        fp_unit = fp_modules[unit.name]
+        inputs = capture_inputs(fp_model, fp_unit, pool.batches(cache_batch), _run)
+        targets = capture_outputs(fp_model, fp_unit, pool.batches(cache_batch), _run).to(dev)
+
+        def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
+            args, kwargs = inputs.select(idx, dev)
+            return lp_loss(_call(unit.module, args, kwargs), targets[idx.to(targets.device)], p=s.act_p)
+
+        rep = optimize_steps(qs, loss_fn, inputs.n, s, runner, seed + i, desc=f"lsq {unit.name}")
+        reports.append({"unit": unit.name, "kind": unit.kind, "stage": "act", **rep})
+    return reports
+
+
+def tiar_stage(
+    qmodel: nn.Module, fp_model: nn.Module, temporal: list[str], t: torch.Tensor, s: ReconSettings,
+    runner: FabricRunner, seed: int, tib_features: Any,
+) -> dict[str, Any]:
+    """TIAR: AdaRound the TIB Linears on L = sum_i mean_b ||E^_i(t) - E_i(t)||^2 + lambda f_reg (§5.4)."""
+    set_quant_state(qmodel, weight=True, act=False)
+    modules = dict(qmodel.named_modules())
+    layers = [modules[n] for n in temporal if isinstance(modules.get(n), QuantMixin) and modules[n].allow_weight_quant]
+    with torch.no_grad():
+        targets = {k: v.to(runner.device) for k, v in tib_features(fp_model, t).items()}
+    t_dev = t.to(runner.device)
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        feats = tib_features(qmodel, t_dev[idx])
+        return sum(lp_loss(feats[k], targets[k][idx]) for k in targets)
+
+    qs = weight_quantizers_of(layers)
+    rep = optimize_rounding(qs, loss_fn, int(t.shape[0]), s, runner, seed, desc="TIAR")
+    log.info("TIAR over %d layers: loss %.4g -> %.4g (%.1f s)", len(layers), rep["loss_before"], rep["loss_after"],
+             rep["wall_s"])
+    return {"unit": "temporal_information_block", "kind": "tib", "stage": "weight", **rep}
+
+
+@torch.no_grad()
+def init_activations(
+    qmodel: nn.Module, pool: CalibPool, n_init: int, seed: int, running_stat: bool, batch_size: int,
+) -> None:
+    """Activation ranges: Lp search on ``n_init`` random pool samples, then optional EMA over the pool."""
+    qs = all_act_quantizers(qmodel)
+    set_quant_state(qmodel, weight=True, act=True)
+    for q in qs:
+        q.reset()
+        q.observing, q.running_stat = True, False
+    first = pool.shuffled(n_init, seed)
+    qmodel(first.x, first.t)
+    if running_stat:
+        for q in qs:
+            q.running_stat = True
+        for x, t, _ in pool.shuffled(None, seed + 1).batches(batch_size):
+            qmodel(x, t)
+    for q in qs:
+        q.observing = q.running_stat = False
+
+
+@torch.no_grad()
+def fsc_stage(
+    qmodel: nn.Module, record_pool_by_step: dict[int, CalibPool], n_steps: int, quantizers: list[UniformQuantizer],
+    init_samples: int, batch_size: int, momentum: float, seed: int,
+) -> dict[str, Any]:
+    """Per-step activation tables (FSC, §5.6): for each step, init on ``init_samples`` random samples of
+    that step, EMA (momentum) over all of them in shuffled mini-batches; stack (scale, z) into tables.
+
+    The Lp search at init is skipped: the first EMA update overwrites its result with min-max of the
+    EMA extremes, which start from the init batch's raw extremes either way (identical outcome).
+    """
+    set_quant_state(qmodel, weight=True, act=True)
+    scales: list[list[torch.Tensor]] = [[] for _ in quantizers]
+    zps: list[list[torch.Tensor]] = [[] for _ in quantizers]
+    for q in quantizers:
+        q.set_step_tables(torch.empty(0), torch.empty(0))
+        q.momentum = momentum
+    for s in range(n_steps):
+        pool = record_pool_by_step[s]
+        for q in quantizers:
+            q.reset()
+            q.observing, q.running_stat = True, True  # running_stat: init records raw extremes only
+        first = pool.shuffled(init_samples, seed * 7919 + s)
+        with step_context(s):
+            qmodel(first.x, first.t)
+            for x, t, _ in pool.shuffled(None, seed * 7919 + s + 1).batches(batch_size):
+                qmodel(x, t)
+        for j, q in enumerate(quantizers):
+            scales[j].append(q.scale.detach().clone())
+            zps[j].append(q.zero_point.detach().clone())
+    for j, q in enumerate(quantizers):
+        q.observing = q.running_stat = False
+        q.set_step_tables(torch.stack(scales[j]), torch.stack(zps[j]))
+        q.reset()
+    return {"fsc_steps": n_steps, "fsc_quantizers": len(quantizers)}

@@ -1,0 +1,172 @@
+"""BRECQ, Q-Diffusion and TFMQ-DM as recipes over the core, the adapter and the engine.
+
+Each follows ALGORITHMS.md: weight stage (AdaRound, activations off) first, then the
+activation stage (LSQ for BRECQ and Q-Diffusion; per-step EMA tables for TFMQ-DM).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from tfmq_exp.errors import UserError
+from tfmq_exp.methods.base import MethodContext, MethodResult, build_recipe, register
+from tfmq_exp.methods.pipeline import (
+    all_act_quantizers,
+    fsc_stage,
+    init_activations,
+    lsq_stage,
+    runner_from,
+    set_quant_state,
+    settings_from,
+    tiar_stage,
+    weight_stage,
+)
+from tfmq_exp.models import adapters
+from tfmq_exp.quant.modules import quant_modules
+from tfmq_exp.quant.swap import init_weight_ranges, swap_modules
+
+
+def _opt(ctx: MethodContext, key: str, default: Any) -> Any:
+    return ctx.quantizer.get("options", {}).get(key, default)
+
+
+def weight_pool(ctx: MethodContext):  # noqa: ANN201
+    """The shared pool: ``calib_steps`` uniformly spaced steps x (pool_size // calib_steps) samples."""
+    rec = ctx.record
+    n_steps = min(int(_opt(ctx, "calib_steps", 16)), rec.num_steps)
+    chosen = [k * rec.num_steps // n_steps for k in range(n_steps)]
+    per_step = max(1, int(ctx.recon.pool_size) // n_steps)
+    if per_step > rec.xs.shape[1]:
+        raise UserError(
+            f"recon.pool_size={ctx.recon.pool_size} needs {per_step} samples per step but the calibration record "
+            f"has {rec.xs.shape[1]}. Fix: raise calib.n_trajectories or lower recon.pool_size."
+        )
+    return rec.pool(steps=chosen, per_step=per_step)
+
+
+def _prepare(ctx: MethodContext, method: str, split: bool) -> tuple[torch.nn.Module, Any]:
+    recipe = build_recipe(ctx.quantizer)
+    recipe.rules = adapters.fp_rules(ctx.fp_unet, method, **_rule_options(ctx, method)) + recipe.rules
+    qmodel = copy.deepcopy(ctx.fp_unet)
+    splits = adapters.split_points(qmodel) if split else {}
+    swap_modules(qmodel, recipe, splits)
+    init_weight_ranges(qmodel)
+    return qmodel, recipe
+
+
+def _rule_options(ctx: MethodContext, method: str) -> dict[str, Any]:
+    if method == "brecq":
+        return {"brecq_8bit_head_stem": bool(_opt(ctx, "head_stem_8bit", False))}
+    if method == "tfmq":
+        return {"tfmq_attention_fp": bool(_opt(ctx, "attention_fp", True))}
+    return {}
+
+
+def units_of(ctx: MethodContext, qmodel: torch.nn.Module) -> list[adapters.Unit]:
+    """Reconstruction units of the quantized model, in forward order by default (``options.unit_order``).
+
+    diffusers registers mid_block after the up blocks and attentions before resnets, so its
+    registration order is not the forward order the LDM code's registration order follows.
+    """
+    order = str(_opt(ctx, "unit_order", "forward"))
+    if order not in ("forward", "registration"):
+        raise UserError(f"quantizer.options.unit_order={order} is unknown. Fix: use 'forward' or 'registration'.")
+    names = [(u.name, u.kind) for u in adapters.reconstruction_units(ctx.fp_unet, order=order)]
+    mods = dict(qmodel.named_modules())
+    return [adapters.Unit(n, mods[n], k) for n, k in names]
+
+
+def _layer_units(qmodel: torch.nn.Module, names: list[str]) -> list[adapters.Unit]:
+    mods = dict(qmodel.named_modules())
+    return [adapters.Unit(n, mods[n], "layer") for n in names if n in mods]
+
+
+def _lsq_method(ctx: MethodContext, method: str) -> MethodResult:
+    """BRECQ (§3.2) and Q-Diffusion (§4): AdaRound blocks, then LSQ on activation steps."""
+    t0 = time.perf_counter()
+    split = method == "qdiff" and bool(_opt(ctx, "split_shortcut", True))
+    qmodel, recipe = _prepare(ctx, method, split)
+    if recipe.act.enabled and bool(_opt(ctx, "quant_attention", method == "qdiff")):
+        adapters.install_attention_quantizers(qmodel, recipe.act.n_bits, int(_opt(ctx, "softmax_bits", 8)), False)
+    pool = weight_pool(ctx)
+    s = settings_from(ctx.recon)
+    runner = runner_from(ctx.trainer)
+    qmodel.to(runner.device)
+    fp = ctx.fp_unet.to(runner.device)
+    # Q-Diffusion also reconstructs the time-embedding MLP, as single layers, before the blocks (§2)
+    temb = [n for n in adapters.temporal_layer_names(qmodel) if not n.endswith("time_emb_proj")]
+    units = _layer_units(qmodel, temb) + units_of(ctx, qmodel)
+    reports = weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed)
+    t1 = time.perf_counter()
+    if recipe.act.enabled:
+        init_activations(qmodel, pool, int(ctx.quantizer.act_calib_samples), ctx.seed,
+                         bool(_opt(ctx, "running_stat", False)), int(ctx.calib.batch_size))
+        if bool(_opt(ctx, "lsq", True)) and s.act_iters > 0:
+            reports += lsq_stage(qmodel, fp, units, pool, s, runner, ctx.seed)
+    set_quant_state(qmodel, weight=True, act=recipe.act.enabled)
+    t2 = time.perf_counter()
+    qmodel.cpu()
+    ctx.fp_unet.cpu()
+    info = {"units": reports, "pool_size": len(pool), "pool_steps": sorted(set(pool.step.tolist()))}
+    return MethodResult(qmodel, recipe, {"weight_stage_s": t1 - t0, "act_stage_s": t2 - t1}, info)
+
+
+@register("brecq")
+def brecq(ctx: MethodContext) -> MethodResult:
+    return _lsq_method(ctx, "brecq")
+
+
+@register("qdiff")
+def qdiff(ctx: MethodContext) -> MethodResult:
+    return _lsq_method(ctx, "qdiff")
+
+
+@register("tfmq")
+def tfmq(ctx: MethodContext) -> MethodResult:
+    """TFMQ-DM (§5): TIAR on the TIB, AdaRound of the data blocks without the temporal projections,
+    then FSC per-step activation tables (scope 'all' as the official code, or 'tib' as the paper)."""
+    t0 = time.perf_counter()
+    qmodel, recipe = _prepare(ctx, "tfmq", split=False)
+    if recipe.act.enabled and bool(_opt(ctx, "quant_attention", False)):
+        adapters.install_attention_quantizers(qmodel, recipe.act.n_bits, int(_opt(ctx, "softmax_bits", 8)), False)
+    pool = weight_pool(ctx)
+    s = settings_from(ctx.recon)
+    runner = runner_from(ctx.trainer)
+    qmodel.to(runner.device)
+    fp = ctx.fp_unet.to(runner.device)
+    temporal = adapters.temporal_layer_names(qmodel)
+    reports = [tiar_stage(qmodel, fp, temporal, pool.t, s, runner, ctx.seed, adapters.tib_features)]
+    units = units_of(ctx, qmodel)
+    reports += weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, exclude=set(temporal))
+    t1 = time.perf_counter()
+    info: dict[str, Any] = {"pool_size": len(pool), "pool_steps": sorted(set(pool.step.tolist()))}
+    if recipe.act.enabled:
+        scope = str(_opt(ctx, "fsc_scope", "all"))
+        if scope not in ("all", "tib"):
+            raise UserError(f"quantizer.options.fsc_scope={scope} is unknown. Fix: use 'all' (official code) or 'tib'.")
+        rec = ctx.record
+        per_step = int(_opt(ctx, "fsc_per_step", 256))
+        by_step = {k: rec.pool(steps=[k], per_step=per_step) for k in range(rec.num_steps)}
+        every = all_act_quantizers(qmodel)
+        if scope == "tib":
+            names = set(temporal)
+            mods = dict(quant_modules(qmodel))
+            table_qs = [q for n in names if n in mods and mods[n].allow_input_quant for q in mods[n].input_quantizers()]
+            full = rec.pool(1, per_step)
+            init_activations(qmodel, full, int(_opt(ctx, "fsc_init_samples", 16)), ctx.seed, True,
+                             int(_opt(ctx, "fsc_batch_size", 16)))
+        else:
+            table_qs = every
+        info.update(fsc_stage(qmodel, by_step, rec.num_steps, table_qs, int(_opt(ctx, "fsc_init_samples", 16)),
+                              int(_opt(ctx, "fsc_batch_size", 16)), float(_opt(ctx, "fsc_momentum", 0.95)), ctx.seed))
+        info["fsc_scope"] = scope
+    set_quant_state(qmodel, weight=True, act=recipe.act.enabled)
+    t2 = time.perf_counter()
+    qmodel.cpu()
+    ctx.fp_unet.cpu()
+    info["units"] = reports
+    return MethodResult(qmodel, recipe, {"weight_stage_s": t1 - t0, "act_stage_s": t2 - t1}, info)

@@ -1,0 +1,1 @@
+"""Model loading (diffusers as the zoo), architecture adapters and the embedded model."""

@@ -1,0 +1,104 @@
+"""Capture a unit's inputs (args and kwargs) or output over a calibration pool with hooks.
+
+The hook stops the forward pass at the unit, so caching a unit costs only the model prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class CachedCall:
+    """A unit's call over N samples: batch tensors concatenated on dim 0, everything else kept once."""
+
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    n: int = 0
+
+    def select(self, idx: torch.Tensor, device: torch.device | str | None = None) -> tuple[list[Any], dict[str, Any]]:
+        def pick(v: Any) -> Any:
+            if isinstance(v, _Batched):
+                t = v.data[idx]
+                return t.to(device) if device is not None else t
+            return v
+
+        return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
+
+
+@dataclass
+class _Batched:
+    data: torch.Tensor
+
+
+def _merge(parts: list[Any], n_batch: list[int], storage: str | torch.device) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == n_batch[0]:
+        return _Batched(torch.cat([p.detach().to(storage) for p in parts]))
+    return first
+
+
+def capture_inputs(
+    model: nn.Module, unit: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
+    storage: str | torch.device = "cpu",
+) -> CachedCall:
+    """Inputs of ``unit`` when ``run(model, batch)`` is called for each batch."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def hook(_m, args, kwargs):  # noqa: ANN001, ANN202
+        calls.append((args, kwargs))
+        raise _Stop
+
+    h = unit.register_forward_pre_hook(hook, with_kwargs=True)
+    sizes = []
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    run(model, b)
+                except _Stop:
+                    pass
+                sizes.append(_batch_size(b))
+    finally:
+        h.remove()
+    n_args = len(calls[0][0])
+    args = [_merge([c[0][i] for c in calls], sizes, storage) for i in range(n_args)]
+    kwargs = {k: _merge([c[1][k] for c in calls], sizes, storage) for k in calls[0][1]}
+    return CachedCall(args, kwargs, sum(sizes))
+
+
+def capture_outputs(
+    model: nn.Module, unit: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
+    storage: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Outputs of ``unit`` (first tensor if it returns a tuple), concatenated over batches."""
+    outs: list[torch.Tensor] = []
+
+    def hook(_m, _args, out):  # noqa: ANN001, ANN202
+        outs.append((out[0] if isinstance(out, tuple) else out).detach().to(storage))
+        raise _Stop
+
+    h = unit.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    run(model, b)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return torch.cat(outs)
+
+
+def _batch_size(batch: tuple[Any, ...]) -> int:
+    return int(batch[0].shape[0])

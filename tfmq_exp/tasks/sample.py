@@ -1,0 +1,100 @@
+"""task=sample: images from the FP model, or from a quantized checkpoint (ckpt=PATH) with no
+calibration data. Same seed and sampler as the quantize run: the same images, bit for bit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
+from tfmq_exp.errors import UserError
+from tfmq_exp.models.attention import install_attention_quantizers, set_attention_quant_state
+from tfmq_exp.models.loader import load_model
+from tfmq_exp.quant.state import load_quantized, read_header
+from tfmq_exp.results import save_rows_png, write_json
+from tfmq_exp.tasks.common import build_sampler, image_shape, seed_everything, timed
+
+log = logging.getLogger("tfmq_exp")
+
+
+def load_checkpoint_model(cfg: DictConfig, path: str) -> tuple[Any, dict[str, Any]]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(
+            f"checkpoint not found: {p}. Fix: pass ckpt=PATH to a quantized.safetensors written by task=quantize."
+        )
+    try:
+        header = read_header(p)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(
+            f"cannot read checkpoint {p}: {err}. Fix: point ckpt at a quantized.safetensors from task=quantize."
+        ) from None
+    meta = header["meta"]
+    if meta.get("model") and meta["model"] != cfg.model.name:
+        raise UserError(
+            f"checkpoint {p} quantizes model '{meta['model']}', not '{cfg.model.name}'. Fix: add model={meta['model']}."
+        )
+    model = load_model(cfg.model)
+    attn = meta.get("attention")
+    try:
+        if attn:  # the matmul quantizers must exist before their state is loaded
+            install_attention_quantizers(model.unet, attn["act_bits"], attn["softmax_bits"], False)
+        load_quantized(model.unet, p)
+        if attn:
+            set_attention_quant_state(model.unet, bool(attn["enabled"]))
+    except Exception as err:  # noqa: BLE001
+        first = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"checkpoint {p} does not fit model '{cfg.model.name}': {first}. Fix: use the model it was made for."
+        ) from None
+    return model, meta
+
+
+def check_schedule(meta: dict[str, Any], timesteps: list[int], unet: Any) -> None:
+    """Per-step tables are indexed by step: sampling another schedule would read the wrong tables."""
+    from tfmq_exp.quant.quantizer import UniformQuantizer
+
+    calibrated = meta.get("timesteps")
+    has_tables = any(isinstance(m, UniformQuantizer) and m.has_step_tables for m in unet.modules())
+    if has_tables and calibrated is not None and list(calibrated) != list(timesteps):
+        s = meta.get("sampler", {})
+        raise UserError(
+            f"this checkpoint's per-step activation tables were calibrated for a {len(calibrated)}-step "
+            f"{s.get('kind', '')} schedule, not this {len(timesteps)}-step one. Fix: sample with "
+            f"sampler.steps={len(calibrated)} sampler.skip={s.get('skip', 'uniform')} (the quantize run's sampler)."
+        )
+
+
+def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    seed_everything(cfg.seed)
+    if cfg.ckpt:
+        model, meta = load_checkpoint_model(cfg, cfg.ckpt)
+    else:
+        model, meta = load_model(cfg.model), {"quantizer": "fp", "bits": "fp"}
+    sampler = build_sampler(cfg, model)
+    check_schedule(meta, sampler.timesteps, model.unet)
+    n = int(cfg.n_compare)
+    with timed(timings, "sampling_s"):
+        x = sampler.sample(unet_fn(model.unet), n, image_shape(model), cfg.seed, int(cfg.sampler.batch_size))
+    imgs = to_uint8(x)
+    save_rows_png([imgs[: cfg.n_grid]], out / "samples.png")
+    np.savez(out / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
+    results = {
+        "task": "sample",
+        "model": cfg.model.name,
+        "ckpt": cfg.ckpt,
+        "quantizer": meta.get("quantizer"),
+        "bits": meta.get("bits"),
+        "seed": int(cfg.seed),
+        "n": n,
+        "sampler": sampler.describe(),
+        "timings": timings,
+    }
+    write_json(out / "results.json", results)
+    log.info("wrote %d samples to %s", n, out / "samples.npz")
+    return results

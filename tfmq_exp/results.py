@@ -38,8 +38,3 @@ def save_rows_png(rows: list[torch.Tensor], path: Path) -> None:
     img.save(path)
 
 
-def similarity(fp: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
-    """MSE and PSNR between uint8 image batches, on [0, 1] pixels."""
-    mse = ((fp.float() - q.float()) / 255.0).pow(2).mean().item()
-    psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-    return {"mse": mse, "psnr": psnr}

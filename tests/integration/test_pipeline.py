@@ -71,3 +71,39 @@ def test_weight_only_bits_leave_activations_fp(make_cfg, tmp_path):
 def test_train_task_runs_a_few_steps(make_cfg, tmp_path, task):
     res = run(make_cfg(f"task={task}", "model.train.steps=2", "model.train.batch_size=4", "model.train.warmup=1"))
     assert res["steps"] == 2 and (tmp_path / "mnist_unet.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdiff", "tfmq"])
+def test_reconstruction_methods_end_to_end(make_cfg, tmp_path, method):
+    _, res = _run(make_cfg, f"quantizer={method}", "bits=w4a8")
+    info = res["method_info"]
+    assert res["bits"] == "w4a8" and info["units"]
+    weight_units = [u for u in info["units"] if u["stage"] == "weight"]
+    assert all(u["wall_s"] >= 0 and u["iters"] == 10 for u in weight_units)
+    if method == "tfmq":
+        assert info["units"][0]["unit"] == "temporal_information_block"
+        assert info["fsc_steps"] == 10 and info["fsc_scope"] == "all"
+        assert not any(u["stage"] == "act" for u in info["units"])  # no LSQ in TFMQ
+    else:
+        assert any(u["stage"] == "act" for u in info["units"])
+    if method == "qdiff":
+        state = load_file(str(tmp_path / "quantized.safetensors"))
+        assert any(k.endswith("input_quantizer_split.scale") for k in state)  # split shortcut
+        assert any(k.endswith("softmax_quantizer.scale") for k in state)  # attention matmuls
+
+
+def test_tfmq_checkpoint_reload_and_unseen_step_count(make_cfg, tmp_path):
+    _run(make_cfg, "quantizer=tfmq", "bits=w8a8")
+    quant_imgs = np.load(tmp_path / "samples.npz")["arr_0"].copy()
+    moved = tmp_path / "tfmq.safetensors"
+    (tmp_path / "quantized.safetensors").rename(moved)
+    state = load_file(str(moved))
+    assert state["conv_in.input_quantizer.step_scale"].numel() == 0  # conv_in stays FP in TFMQ
+    tables = [v for k, v in state.items() if k.endswith("input_quantizer.step_scale") and v.numel()]
+    assert tables and all(v.shape[0] == 10 for v in tables)
+    _run(make_cfg, "task=sample", f"ckpt={moved}")
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], quant_imgs)
+    from tfmq_exp.errors import UserError
+
+    with pytest.raises(UserError, match="calibrated for a 10-step"):
+        _run(make_cfg, "task=sample", f"ckpt={moved}", "sampler.steps=20")

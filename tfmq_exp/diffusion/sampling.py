@@ -41,9 +41,8 @@ def ddim_timesteps(num_train: int, steps: int, skip: str) -> list[int]:
                 f"{len(seq)} steps. Fix: pick a divisor (e.g. 50, 100, 200, 250, 500) or sampler.skip=quad."
             )
     elif skip == "quad":
-        seq = sorted({int(v) for v in np.linspace(0, np.sqrt(num_train * 0.8), steps) ** 2})
-        if len(seq) != steps:
-            raise UserError(f"quad skipping gives repeated time steps for steps={steps}. Fix: use fewer steps.")
+        # as the DDIM code: int() of the squares, so small t can repeat (e.g. 0, 0, 0, 0, 1, 2, 2, ...)
+        seq = [int(v) for v in np.linspace(0, np.sqrt(num_train * 0.8), steps) ** 2]
     else:
         raise UserError(f"unknown sampler.skip '{skip}'. Fix: use 'uniform' or 'quad'.")
     return seq[::-1]

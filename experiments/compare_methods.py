@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = [("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("fp_psnr", "PSNR vs FP (dB)"), ("fp_mse", "MSE vs FP")]
+METRICS = [
+    ("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("fp_psnr", "PSNR vs FP (dB)"), ("fp_mse", "MSE vs FP"),
+]
 TIMES = [("calib_data_s", "calib data (s)"), ("weight_stage_s", "weight stage (s)"), ("act_stage_s", "act stage (s)")]
 
 

@@ -45,7 +45,8 @@ def test_swap_keeps_outputs_while_quantization_is_off():
 
 def test_rules_by_pattern():
     m = Tiny()
-    r = recipe(rules=[QuantRule("conv_in", quantize_weight=False, quantize_input=False), QuantRule("head", weight_bits=8)])
+    fp_conv_in = QuantRule("conv_in", quantize_weight=False, quantize_input=False)
+    r = recipe(rules=[fp_conv_in, QuantRule("head", weight_bits=8)])
     quantize(m, r, lambda mm: mm(torch.randn(2, 1, 8, 8)))
     assert not m.conv_in.weight_quantizer.enabled and not m.conv_in.input_quantizer.enabled
     assert m.body[1].weight_quantizer.n_bits == 4

@@ -14,6 +14,9 @@ from tfmq_exp.eval.reference_stats import reference_stats
 from tfmq_exp.eval.samples_io import save_png_folder
 from tfmq_exp.eval.suite import evaluate
 
+# torch-fidelity asks for 4 DataLoader workers on 2 cores
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, make_images):

@@ -54,6 +54,16 @@ def runner_from(trainer: Any) -> FabricRunner:
     return FabricRunner(trainer.accelerator, trainer.devices, trainer.strategy, trainer.precision, trainer.num_nodes)
 
 
+def _storage(runner: FabricRunner, cache_on: str) -> torch.device | str:
+    if cache_on not in ("device", "host"):
+        raise ValueError(f"recon.cache_on={cache_on}: use 'device' or 'host'")
+    return runner.device if cache_on == "device" else "cpu"
+
+
+def _on(pool: CalibPool, device: torch.device) -> CalibPool:
+    return CalibPool(pool.x.to(device), pool.t.to(device), pool.step)
+
+
 def _run(model: nn.Module, batch: tuple) -> Any:
     return model(batch[0], batch[1])
 
@@ -83,8 +93,13 @@ def weight_quantizers_of(layers: list[QuantMixin]) -> list[UniformQuantizer]:
 def weight_stage(
     qmodel: nn.Module, fp_model: nn.Module, units: list[Any], pool: CalibPool, s: ReconSettings,
     runner: FabricRunner, seed: int, exclude: set[str] = frozenset(), cache_batch: int = 32,
+    cache_on: str = "device",
 ) -> list[dict[str, Any]]:
-    """AdaRound every unit; layers in ``exclude`` keep their current rounding (e.g. TIAR's)."""
+    """AdaRound every unit; layers in ``exclude`` keep their current rounding (e.g. TIAR's).
+
+    ``cache_on``: keep a unit's cached inputs/targets on the compute device ("device", fast) or in
+    host memory ("host", copied per mini-batch: Q-Diffusion's policy, for caches that do not fit).
+    """
     set_quant_state(qmodel, weight=True, act=False)
     fp_modules = dict(fp_model.named_modules())
     reports = []
@@ -96,9 +111,9 @@ def weight_stage(
         layers = [m for m in layers if m.allow_weight_quant]
         if not layers:
             continue
-        inputs = capture_inputs(qmodel, unit.module, pool.batches(cache_batch), _run)
-        targets = capture_outputs(fp_model, fp_modules[unit.name], pool.batches(cache_batch), _run)
-        targets = targets.to(dev)
+        store = _storage(runner, cache_on)
+        inputs = capture_inputs(qmodel, unit.module, _on(pool, dev).batches(cache_batch), _run, store)
+        targets = capture_outputs(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run, store)
 
         def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
             args, kwargs = inputs.select(idx, dev)
@@ -114,7 +129,7 @@ def weight_stage(
 
 def lsq_stage(
     qmodel: nn.Module, fp_model: nn.Module, units: list[Any], pool: CalibPool, s: ReconSettings,
-    runner: FabricRunner, seed: int, cache_batch: int = 32, skip_bits: int = 16,
+    runner: FabricRunner, seed: int, cache_batch: int = 32, skip_bits: int = 16, cache_on: str = "device",
 ) -> list[dict[str, Any]]:
     """LSQ per unit with FP inputs and targets (asym=False); quantizers at >= skip_bits stay fixed."""
     set_quant_state(qmodel, weight=True, act=True)
@@ -127,8 +142,9 @@ def lsq_stage(
         if not qs:
             continue
         fp_unit = fp_modules[unit.name]
-        inputs = capture_inputs(fp_model, fp_unit, pool.batches(cache_batch), _run)
-        targets = capture_outputs(fp_model, fp_unit, pool.batches(cache_batch), _run).to(dev)
+        store = _storage(runner, cache_on)
+        inputs = capture_inputs(fp_model, fp_unit, _on(pool, dev).batches(cache_batch), _run, store)
+        targets = capture_outputs(fp_model, fp_unit, _on(pool, dev).batches(cache_batch), _run, store)
 
         def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
             args, kwargs = inputs.select(idx, dev)
@@ -172,13 +188,14 @@ def init_activations(
     for q in qs:
         q.reset()
         q.observing, q.running_stat = True, False
+    dev = next(qmodel.parameters()).device
     first = pool.shuffled(n_init, seed)
-    qmodel(first.x, first.t)
+    qmodel(first.x.to(dev), first.t.to(dev))
     if running_stat:
         for q in qs:
             q.running_stat = True
         for x, t, _ in pool.shuffled(None, seed + 1).batches(batch_size):
-            qmodel(x, t)
+            qmodel(x.to(dev), t.to(dev))
     for q in qs:
         q.observing = q.running_stat = False
 
@@ -195,6 +212,7 @@ def fsc_stage(
     EMA extremes, which start from the init batch's raw extremes either way (identical outcome).
     """
     set_quant_state(qmodel, weight=True, act=True)
+    dev = next(qmodel.parameters()).device
     scales: list[list[torch.Tensor]] = [[] for _ in quantizers]
     zps: list[list[torch.Tensor]] = [[] for _ in quantizers]
     for q in quantizers:
@@ -207,9 +225,9 @@ def fsc_stage(
             q.observing, q.running_stat = True, True  # running_stat: init records raw extremes only
         first = pool.shuffled(init_samples, seed * 7919 + s)
         with step_context(s):
-            qmodel(first.x, first.t)
+            qmodel(first.x.to(dev), first.t.to(dev))
             for x, t, _ in pool.shuffled(None, seed * 7919 + s + 1).batches(batch_size):
-                qmodel(x, t)
+                qmodel(x.to(dev), t.to(dev))
         for j, q in enumerate(quantizers):
             scales[j].append(q.scale.detach().clone())
             zps[j].append(q.zero_point.detach().clone())

@@ -100,13 +100,13 @@ def _lsq_method(ctx: MethodContext, method: str) -> MethodResult:
     # Q-Diffusion also reconstructs the time-embedding MLP, as single layers, before the blocks (§2)
     temb = [n for n in adapters.temporal_layer_names(qmodel) if not n.endswith("time_emb_proj")]
     units = _layer_units(qmodel, temb) + units_of(ctx, qmodel)
-    reports = weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed)
+    reports = weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on))
     t1 = time.perf_counter()
     if recipe.act.enabled:
         init_activations(qmodel, pool, int(ctx.quantizer.act_calib_samples), ctx.seed,
                          bool(_opt(ctx, "running_stat", False)), int(ctx.calib.batch_size))
         if bool(_opt(ctx, "lsq", True)) and s.act_iters > 0:
-            reports += lsq_stage(qmodel, fp, units, pool, s, runner, ctx.seed)
+            reports += lsq_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on))
     set_quant_state(qmodel, weight=True, act=recipe.act.enabled)
     t2 = time.perf_counter()
     qmodel.cpu()
@@ -141,7 +141,8 @@ def tfmq(ctx: MethodContext) -> MethodResult:
     temporal = adapters.temporal_layer_names(qmodel)
     reports = [tiar_stage(qmodel, fp, temporal, pool.t, s, runner, ctx.seed, adapters.tib_features)]
     units = units_of(ctx, qmodel)
-    reports += weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, exclude=set(temporal))
+    reports += weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, exclude=set(temporal),
+                            cache_on=str(ctx.recon.cache_on))
     t1 = time.perf_counter()
     info: dict[str, Any] = {"pool_size": len(pool), "pool_steps": sorted(set(pool.step.tolist()))}
     if recipe.act.enabled:

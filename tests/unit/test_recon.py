@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -82,3 +83,22 @@ def test_fsc_tables_follow_each_steps_range():
         out_wrong = q(x, t)  # step 0's narrow range clips step 2's inputs
     ref = fp(x, t)
     assert (out_right - ref).abs().mean() < (out_wrong - ref).abs().mean()
+
+
+def test_host_and_device_caches_give_the_same_rounding():
+    results = []
+    for cache_on in ("device", "host"):
+        fp, q, rec = _setup()
+        unit = SimpleNamespace(name="block", module=q.block, kind="block")
+        s = ReconSettings(iters=50, batch_size=16)
+        rep = weight_stage(q, fp, [unit], rec.pool(1), s, FabricRunner(), seed=0, cache_on=cache_on)[0]
+        results.append((rep["loss_after"], [m.weight_quantizer.alpha.detach().clone() for m in q.block[::2]]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_unknown_cache_placement_is_an_error():
+    fp, q, rec = _setup()
+    unit = SimpleNamespace(name="block", module=q.block, kind="block")
+    with pytest.raises(ValueError, match="cache_on"):
+        weight_stage(q, fp, [unit], rec.pool(1), ReconSettings(iters=1), FabricRunner(), seed=0, cache_on="gpu0")

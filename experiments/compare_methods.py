@@ -57,9 +57,10 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a32"])
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare_methods")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides passed to every run, e.g. recon=smoke")
+    ap.add_argument("--skip-fp", action="store_true", help="no full-precision reference row")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_one("fp", "fp", args.out / "fp", args.extra)]
+    rows = [] if args.skip_fp else [run_one("fp", "fp", args.out / "fp", args.extra)]
     for bits in args.bits:
         for method in args.methods:
             rows.append(run_one(method, bits, args.out / f"{method}_{bits}", args.extra))

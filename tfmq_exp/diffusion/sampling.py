@@ -58,6 +58,7 @@ class Sampler:
     eta: float = 0.0
     skip: str = "uniform"
     clip_x0: bool = True
+    device: str = "cpu"  # where the model runs; samples come back on the CPU
 
     def __post_init__(self) -> None:
         cfg = dict(self.scheduler_config)
@@ -86,12 +87,12 @@ class Sampler:
     ) -> torch.Tensor:
         """Denoise the samples ``indices`` (global indices under ``seed``); returns x_0 in model space."""
         gens = generators(seed, indices)
-        x = randn_per_sample(shape, gens)
+        x = randn_per_sample(shape, gens).to(self.device)  # noise drawn on the CPU: the same on any device
         n = x.shape[0]
         for i, t in enumerate(self.timesteps):
             if record is not None:
                 record(i, x, t)
-            tt = torch.full((n,), t, dtype=torch.long)
+            tt = torch.full((n,), t, dtype=torch.long, device=x.device)
             with step_context(i):
                 eps = model_fn(x, tt).float()
             x = self._ddim_step(x, eps, i, gens) if self.kind == "ddim" else self._ddpm_step(x, eps, t, gens)
@@ -109,7 +110,7 @@ class Sampler:
         sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         out = a_prev**0.5 * x0 + max(0.0, 1 - a_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
-            out = out + sigma * randn_per_sample(tuple(x.shape[1:]), gens)
+            out = out + sigma * randn_per_sample(tuple(x.shape[1:]), gens).to(x.device)
         return out
 
     def _ddpm_step(self, x: torch.Tensor, eps: torch.Tensor, t: int, gens: list[torch.Generator]) -> torch.Tensor:
@@ -124,7 +125,7 @@ class Sampler:
         if t == 0:
             return mu
         var = (1 - a_prev) / (1 - a) * beta
-        return mu + var**0.5 * randn_per_sample(tuple(x.shape[1:]), gens)
+        return mu + var**0.5 * randn_per_sample(tuple(x.shape[1:]), gens).to(x.device)
 
     def sample(
         self,
@@ -142,7 +143,7 @@ class Sampler:
         bar = tqdm(total=n, desc=desc, unit="img", mininterval=2.0)
         for b0 in range(start, start + n, batch_size):
             idx = range(b0, min(b0 + batch_size, start + n))
-            outs.append(self.sample_batch(model_fn, image_shape, seed, idx, record))
+            outs.append(self.sample_batch(model_fn, image_shape, seed, idx, record).cpu())
             bar.update(len(idx))
         bar.close()
         return torch.cat(outs)

@@ -84,3 +84,13 @@ def bits_label(recipe: Any) -> str:
     w = recipe.weight.n_bits if recipe.weight.enabled else 32
     a = recipe.act.n_bits if recipe.act.enabled else 32
     return f"w{w}a{a}"
+
+
+def sampling_fabric(cfg: DictConfig) -> Any:
+    """A launched Fabric when trainer.devices asks for several processes (sharded sampling), else None."""
+    if str(cfg.trainer.devices) in ("1", "None"):
+        return None
+    from tfmq_exp.recon.engine import FabricRunner
+
+    t = cfg.trainer
+    return FabricRunner(t.accelerator, t.devices, t.strategy, t.precision, t.num_nodes).fabric

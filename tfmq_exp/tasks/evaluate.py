@@ -51,11 +51,12 @@ def temporal_diagnostics(fp_unet: torch.nn.Module, q_unet: torch.nn.Module, time
     from tfmq_exp.models.adapters import tib_features
 
     fp_feats, q_feats = [], []
+    dev = next(q_unet.parameters()).device
     for i, t in enumerate(timesteps):
-        tt = torch.tensor([t])
-        fp_feats.append(torch.cat([v.flatten(1) for v in tib_features(fp_unet, tt).values()], 1))
+        tt = torch.tensor([t], device=dev)
+        fp_feats.append(torch.cat([v.flatten(1) for v in tib_features(fp_unet, tt).values()], 1).cpu())
         with step_context(i):
-            q_feats.append(torch.cat([v.flatten(1) for v in tib_features(q_unet, tt).values()], 1))
+            q_feats.append(torch.cat([v.flatten(1) for v in tib_features(q_unet, tt).values()], 1).cpu())
     report = temporal_feature_error(fp_feats, q_feats)
     plot_temporal_error(report, out / "temporal_error.png")
     return report
@@ -64,17 +65,23 @@ def temporal_diagnostics(fp_unet: torch.nn.Module, q_unet: torch.nn.Module, time
 def run_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Evaluate the FP model (or ckpt=PATH) with the configured evaluator."""
     from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
+    from tfmq_exp.diffusion.sharding import sample_sharded
     from tfmq_exp.models.loader import load_model
     from tfmq_exp.results import write_json
-    from tfmq_exp.tasks.common import build_sampler, image_shape, seed_everything
+    from tfmq_exp.tasks.common import build_sampler, image_shape, sampling_fabric, seed_everything
     from tfmq_exp.tasks.sample import check_schedule, load_checkpoint_model
 
     seed_everything(cfg.seed)
     model, meta = load_checkpoint_model(cfg, cfg.ckpt) if cfg.ckpt else (load_model(cfg.model), {})
     sampler = build_sampler(cfg, model)
     check_schedule(meta, sampler.timesteps, model.unet)
+    fabric = sampling_fabric(cfg)
+    model.unet.to(fabric.device if fabric else sampler.device)
     n = max(samples_needed(cfg), int(cfg.n_grid))
-    imgs = to_uint8(sampler.sample(unet_fn(model.unet), n, image_shape(model), cfg.seed, int(cfg.sampler.batch_size)))
+    imgs = to_uint8(sample_sharded(sampler, unet_fn(model.unet), n, image_shape(model), cfg.seed,
+                                   int(cfg.sampler.batch_size), fabric))
+    if fabric is not None and fabric.global_rank != 0:
+        return {"task": "evaluate", "rank": fabric.global_rank}
     metrics = evaluate_samples(cfg, imgs, out)
     results = {"task": "evaluate", "model": cfg.model.name, "ckpt": cfg.ckpt, "n": int(imgs.shape[0]),
                "seed": int(cfg.seed), "sampler": sampler.describe(), "metrics": metrics}

@@ -35,7 +35,9 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     record, cache_hit = None, None
     if cfg.quantizer.name != "fp":
         with timed(timings, "calib_data_s"):
+            model.unet.to(sampler.device)
             record, cache_hit = calib_record(cfg, model, sampler)
+            model.unet.cpu()
     ctx = MethodContext(
         fp_unet=model.unet,
         record=record,
@@ -56,6 +58,8 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     n_q = max(n_fp, samples_needed(cfg))
     bs = int(cfg.sampler.batch_size)
     shape = image_shape(model)
+    model.unet.to(sampler.device)
+    res.model.to(sampler.device)
     with timed(timings, "sampling_s"):
         fp_img = to_uint8(sampler.sample(unet_fn(model.unet), n_fp if res.recipe else n_q, shape, cfg.seed, bs,
                                          desc="FP samples"))
@@ -74,6 +78,8 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
             metrics["temporal_rel_l2_mean"] = temporal["mean_rel_l2"]
             metrics["temporal_fraction_shifted"] = temporal["fraction_shifted"]
             res.info["temporal_error"] = temporal
+    model.unet.cpu()
+    res.model.cpu()
     ckpt = None
     if res.recipe is not None:
         meta = {

@@ -11,12 +11,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
+from tfmq_exp.diffusion.sharding import sample_sharded
 from tfmq_exp.errors import UserError
 from tfmq_exp.models.attention import install_attention_quantizers, set_attention_quant_state
 from tfmq_exp.models.loader import load_model
 from tfmq_exp.quant.state import load_quantized, read_header
 from tfmq_exp.results import save_rows_png, write_json
-from tfmq_exp.tasks.common import build_sampler, image_shape, seed_everything, timed
+from tfmq_exp.tasks.common import build_sampler, image_shape, sampling_fabric, seed_everything, timed
 
 log = logging.getLogger("tfmq_exp")
 
@@ -78,10 +79,15 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         model, meta = load_model(cfg.model), {"quantizer": "fp", "bits": "fp"}
     sampler = build_sampler(cfg, model)
     check_schedule(meta, sampler.timesteps, model.unet)
+    fabric = sampling_fabric(cfg)
+    model.unet.to(fabric.device if fabric else sampler.device)
     n = int(cfg.n_compare)
     with timed(timings, "sampling_s"):
-        x = sampler.sample(unet_fn(model.unet), n, image_shape(model), cfg.seed, int(cfg.sampler.batch_size))
+        x = sample_sharded(sampler, unet_fn(model.unet), n, image_shape(model), cfg.seed,
+                           int(cfg.sampler.batch_size), fabric)
     imgs = to_uint8(x)
+    if fabric is not None and fabric.global_rank != 0:
+        return {"task": "sample", "rank": fabric.global_rank}
     save_rows_png([imgs[: cfg.n_grid]], out / "samples.png")
     np.savez(out / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
     results = {
@@ -92,6 +98,7 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "bits": meta.get("bits"),
         "seed": int(cfg.seed),
         "n": n,
+        "devices": 1 if fabric is None else fabric.world_size,
         "sampler": sampler.describe(),
         "timings": timings,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,14 +49,31 @@ def weight_pool(ctx: MethodContext):  # noqa: ANN201
     return rec.pool(steps=chosen, per_step=per_step)
 
 
-def _prepare(ctx: MethodContext, method: str, split: bool) -> tuple[torch.nn.Module, Any]:
+@dataclass
+class Setup:
+    """What every reconstruction method starts from: the swapped model on the compute device."""
+
+    qmodel: torch.nn.Module
+    fp: torch.nn.Module
+    recipe: Any
+    pool: Any
+    settings: Any
+    runner: Any
+
+
+def _prepare(ctx: MethodContext, method: str, split: bool, quant_attention: bool) -> Setup:
+    """Swap with the method's FP rules, initialise weight ranges, add attention quantizers, place on device."""
     recipe = build_recipe(ctx.quantizer)
     recipe.rules = adapters.fp_rules(ctx.fp_unet, method, **_rule_options(ctx, method)) + recipe.rules
     qmodel = copy.deepcopy(ctx.fp_unet)
     splits = adapters.split_points(qmodel) if split else {}
     swap_modules(qmodel, recipe, splits)
     init_weight_ranges(qmodel)
-    return qmodel, recipe
+    if recipe.act.enabled and bool(_opt(ctx, "quant_attention", quant_attention)):
+        adapters.install_attention_quantizers(qmodel, recipe.act.n_bits, int(_opt(ctx, "softmax_bits", 8)), False)
+    runner = runner_from(ctx.trainer)
+    return Setup(qmodel.to(runner.device), ctx.fp_unet.to(runner.device), recipe, weight_pool(ctx),
+                 settings_from(ctx.recon), runner)
 
 
 def _rule_options(ctx: MethodContext, method: str) -> dict[str, Any]:
@@ -89,14 +107,8 @@ def _lsq_method(ctx: MethodContext, method: str) -> MethodResult:
     """BRECQ (§3.2) and Q-Diffusion (§4): AdaRound blocks, then LSQ on activation steps."""
     t0 = time.perf_counter()
     split = method == "qdiff" and bool(_opt(ctx, "split_shortcut", True))
-    qmodel, recipe = _prepare(ctx, method, split)
-    if recipe.act.enabled and bool(_opt(ctx, "quant_attention", method == "qdiff")):
-        adapters.install_attention_quantizers(qmodel, recipe.act.n_bits, int(_opt(ctx, "softmax_bits", 8)), False)
-    pool = weight_pool(ctx)
-    s = settings_from(ctx.recon)
-    runner = runner_from(ctx.trainer)
-    qmodel.to(runner.device)
-    fp = ctx.fp_unet.to(runner.device)
+    su = _prepare(ctx, method, split, quant_attention=method == "qdiff")
+    qmodel, fp, recipe, pool, s, runner = su.qmodel, su.fp, su.recipe, su.pool, su.settings, su.runner
     # Q-Diffusion also reconstructs the time-embedding MLP, as single layers, before the blocks (§2)
     temb = [n for n in adapters.temporal_layer_names(qmodel) if not n.endswith("time_emb_proj")]
     units = _layer_units(qmodel, temb) + units_of(ctx, qmodel)
@@ -130,14 +142,8 @@ def tfmq(ctx: MethodContext) -> MethodResult:
     """TFMQ-DM (§5): TIAR on the TIB, AdaRound of the data blocks without the temporal projections,
     then FSC per-step activation tables (scope 'all' as the official code, or 'tib' as the paper)."""
     t0 = time.perf_counter()
-    qmodel, recipe = _prepare(ctx, "tfmq", split=False)
-    if recipe.act.enabled and bool(_opt(ctx, "quant_attention", False)):
-        adapters.install_attention_quantizers(qmodel, recipe.act.n_bits, int(_opt(ctx, "softmax_bits", 8)), False)
-    pool = weight_pool(ctx)
-    s = settings_from(ctx.recon)
-    runner = runner_from(ctx.trainer)
-    qmodel.to(runner.device)
-    fp = ctx.fp_unet.to(runner.device)
+    su = _prepare(ctx, "tfmq", split=False, quant_attention=False)
+    qmodel, fp, recipe, pool, s, runner = su.qmodel, su.fp, su.recipe, su.pool, su.settings, su.runner
     temporal = adapters.temporal_layer_names(qmodel)
     reports = [tiar_stage(qmodel, fp, temporal, pool.t, s, runner, ctx.seed, adapters.tib_features)]
     units = units_of(ctx, qmodel)

@@ -59,15 +59,8 @@ def capture_inputs(
         raise _Stop
 
     h = unit.register_forward_pre_hook(hook, with_kwargs=True)
-    sizes = []
     try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    run(model, b)
-                except _Stop:
-                    pass
-                sizes.append(_batch_size(b))
+        sizes = _drive(model, batches, run)
     finally:
         h.remove()
     n_args = len(calls[0][0])
@@ -89,16 +82,20 @@ def capture_outputs(
 
     h = unit.register_forward_hook(hook)
     try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    run(model, b)
-                except _Stop:
-                    pass
+        _drive(model, batches, run)
     finally:
         h.remove()
     return torch.cat(outs)
 
 
-def _batch_size(batch: tuple[Any, ...]) -> int:
-    return int(batch[0].shape[0])
+def _drive(model: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any]) -> list[int]:
+    """Run every batch until the hook stops it; returns the batch sizes."""
+    sizes = []
+    with torch.no_grad():
+        for b in batches:
+            try:
+                run(model, b)
+            except _Stop:
+                pass
+            sizes.append(int(b[0].shape[0]))
+    return sizes

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from tfmq_exp.errors import UserError
-from tfmq_exp.eval.images import tensor_batches
+from tfmq_exp.eval.images import batch_source
 from tfmq_exp.eval.inception_network import InceptionFeatures
 
 CLEAN_FID_MODES = ("legacy_tensorflow", "clean")
@@ -67,9 +67,7 @@ class CleanFidExtractor:
         desc: str = "",
     ) -> InceptionFeatures:
         """Pool features (N, 2048); ``spatial`` and ``logits`` are None."""
-        if isinstance(images, (torch.Tensor, np.ndarray)):
-            total = len(images)
-            images = tensor_batches(images, self.batch_size)
+        images, total = batch_source(images, self.batch_size, total)
         feats = []
         with tqdm(total=total, desc=desc or "clean-fid features", unit="img", leave=False) as bar:
             for batch in images:

@@ -47,6 +47,15 @@ def tensor_batches(images: torch.Tensor | np.ndarray, batch_size: int) -> Iterat
         yield to_uint8_rgb(x[start : start + batch_size])
 
 
+def batch_source(
+    images: torch.Tensor | np.ndarray | Iterable[torch.Tensor], batch_size: int, total: int | None
+) -> tuple[Iterable[torch.Tensor], int | None]:
+    """(uint8 batches, image count) from an image array, or an iterable of batches passed through."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        return tensor_batches(images, batch_size), len(images)
+    return images, total
+
+
 def list_image_files(folder: str | Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name; UserError if none."""
     folder = Path(folder)

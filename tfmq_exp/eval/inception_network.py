@@ -17,7 +17,7 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from tqdm import tqdm
 
-from tfmq_exp.eval.images import tensor_batches
+from tfmq_exp.eval.images import batch_source
 from tfmq_exp.eval.inception_weights import InceptionWeights
 
 SFID_LAYER = "Mixed_6d.branch1x1"
@@ -103,9 +103,7 @@ class InceptionExtractor:
         desc: str = "",
     ) -> InceptionFeatures:
         """Features of an image array (layouts as ``to_uint8_nchw``) or of an iterable of uint8 batches."""
-        if isinstance(images, (torch.Tensor, np.ndarray)):
-            total = len(images)
-            images = tensor_batches(images, self.batch_size)
+        images, total = batch_source(images, self.batch_size, total)
         pools, spatials, logits = [], [], []
         with tqdm(total=total, desc=desc or "Inception features", unit="img", leave=False) as bar:
             for batch in images:

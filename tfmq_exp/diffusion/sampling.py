@@ -2,7 +2,7 @@
 
 DDIM follows Song et al.'s generalized update over the model's training schedule
 (``alphas_cumprod`` from diffusers' DDPMScheduler); time-step sequences follow the DDIM
-code (ALGORITHMS.md §10): uniform = range(0, T, T // S), quad = (linspace(0, sqrt(0.8 T), S))^2.
+code (docs/methods.md §10): uniform = range(0, T, T // S), quad = (linspace(0, sqrt(0.8 T), S))^2.
 DDPM is the ancestral sampler over all T steps (posterior variance beta~). Every model call happens inside
 ``step_context(i)`` so per-step activation tables (FSC) see the step index ``i`` (0 = noisiest).
 """
@@ -35,7 +35,7 @@ def ddim_timesteps(num_train: int, steps: int, skip: str) -> list[int]:
     if skip == "uniform":
         stride = num_train // steps
         seq = list(range(0, num_train, stride))
-        if len(seq) != steps:  # e.g. 400 of 1000 would silently run 500 steps (ALGORITHMS.md §9 T4)
+        if len(seq) != steps:  # e.g. 400 of 1000 would silently run 500 steps (docs/methods.md §9 T4)
             raise UserError(
                 f"uniform DDIM skipping needs sampler.steps to divide {num_train}: {steps} would run "
                 f"{len(seq)} steps. Fix: pick a divisor (e.g. 50, 100, 200, 250, 500) or sampler.skip=quad."
@@ -83,15 +83,23 @@ class Sampler:
 
     @torch.no_grad()
     def sample_batch(
-        self, model_fn: ModelFn, shape: tuple[int, ...], seed: int, indices: range, record: RecordFn | None = None
+        self, model_fn: ModelFn, shape: tuple[int, ...], seed: int, indices: range, record: RecordFn | None = None,
+        purpose: str = "sample", stop_before: int | None = None, stream_step: int | None = None,
     ) -> torch.Tensor:
-        """Denoise the samples ``indices`` (global indices under ``seed``); returns x_0 in model space."""
-        gens = generators(seed, indices)
+        """Denoise the samples ``indices`` (global indices under ``seed``); returns x_0 in model space.
+
+        ``purpose`` picks the noise stream (``seeds.PURPOSES``: evaluation and calibration never share
+        noise). ``stop_before=k`` returns x at step k, before its model call (k model calls in all), the
+        way TFMQ's official calibration generator stops; ``stream_step`` gives that run its own noise.
+        """
+        gens = generators(seed, indices, purpose, stream_step)
         x = randn_per_sample(shape, gens).to(self.device)  # noise drawn on the CPU: the same on any device
         n = x.shape[0]
         for i, t in enumerate(self.timesteps):
             if record is not None:
                 record(i, x, t)
+            if stop_before is not None and i == stop_before:
+                return x
             tt = torch.full((n,), t, dtype=torch.long, device=x.device)
             with step_context(i):
                 eps = model_fn(x, tt).float()
@@ -137,13 +145,14 @@ class Sampler:
         start: int = 0,
         record: RecordFn | None = None,
         desc: str = "sample",
+        purpose: str = "sample",
     ) -> torch.Tensor:
         """Samples ``start .. start + n - 1`` under ``seed``, in batches; returns x_0 (n, C, H, W)."""
         outs = []
         bar = tqdm(total=n, desc=desc, unit="img", mininterval=2.0)
         for b0 in range(start, start + n, batch_size):
             idx = range(b0, min(b0 + batch_size, start + n))
-            outs.append(self.sample_batch(model_fn, image_shape, seed, idx, record).cpu())
+            outs.append(self.sample_batch(model_fn, image_shape, seed, idx, record, purpose).cpu())
             bar.update(len(idx))
         bar.close()
         return torch.cat(outs)

@@ -26,6 +26,7 @@ class MethodContext:
     trainer: Any  # cfg.trainer
     seed: int
     family: str = "unet2d"
+    origin: str = "ddim"  # the original code base's conventions: ddim | ldm | sd (model.origin)
 
 
 @dataclass
@@ -53,6 +54,7 @@ def build_recipe(q: Any) -> QuantRecipe:
             p=float(s.p),
             symmetric=bool(s.symmetric),
             enabled=int(s.n_bits) < 32,
+            ema=str(s.get("ema", "zero_forced")),
         )
 
     rules = [QuantRule(**{k: v for k, v in dict(r).items()}) for r in q.get("rules", [])]

@@ -1,4 +1,4 @@
-"""Stages shared by BRECQ, Q-Diffusion and TFMQ-DM (ALGORITHMS.md §1.4-1.5, §5.4-5.6).
+"""Stages shared by BRECQ, Q-Diffusion and TFMQ-DM (docs/methods.md §1.4-1.5, §5.4-5.6).
 
 * ``weight_stage``: AdaRound each unit in registration order; inputs from the partially
   quantized model (asym), targets from the FP model; activations off.
@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from tfmq_exp.checks import require_finite
 from tfmq_exp.diffusion.calib_data import CalibPool
 from tfmq_exp.quant.modules import QuantMixin, quant_modules
 from tfmq_exp.quant.quantizer import UniformQuantizer
@@ -181,20 +183,29 @@ def tiar_stage(
 @torch.no_grad()
 def init_activations(
     qmodel: nn.Module, pool: CalibPool, n_init: int, seed: int, running_stat: bool, batch_size: int,
+    order: str = "random", stat_order: str = "shuffled",
 ) -> None:
-    """Activation ranges: Lp search on ``n_init`` random pool samples, then optional EMA over the pool."""
+    """Activation ranges: init (each quantizer's ``init`` rule) on ``n_init`` pool samples, then an optional
+    EMA over the whole pool in batches of ``batch_size``.
+
+    ``order``: "random" samples (QD's DDIM and SD scripts) or the "first" ones (its LDM script: all from the
+    first selected step, §9 Q2). ``stat_order``: "shuffled" batches (SD) or "sequential" in time order (LDM).
+    """
+    if order not in ("random", "first") or stat_order not in ("shuffled", "sequential"):
+        raise ValueError(f"activation init order '{order}'/'{stat_order}': use random|first and shuffled|sequential")
     qs = all_act_quantizers(qmodel)
     set_quant_state(qmodel, weight=True, act=True)
     for q in qs:
         q.reset()
         q.observing, q.running_stat = True, False
     dev = next(qmodel.parameters()).device
-    first = pool.shuffled(n_init, seed)
+    first = pool.shuffled(n_init, seed) if order == "random" else pool.subset(torch.arange(min(n_init, len(pool))))
     qmodel(first.x.to(dev), first.t.to(dev))
     if running_stat:
         for q in qs:
             q.running_stat = True
-        for x, t, _ in pool.shuffled(None, seed + 1).batches(batch_size):
+        stream = pool.shuffled(None, seed + 1) if stat_order == "shuffled" else pool
+        for x, t, _ in stream.batches(batch_size):
             qmodel(x.to(dev), t.to(dev))
     for q in qs:
         q.observing = q.running_stat = False
@@ -205,11 +216,15 @@ def fsc_stage(
     qmodel: nn.Module, record_pool_by_step: dict[int, CalibPool], n_steps: int, quantizers: list[UniformQuantizer],
     init_samples: int, batch_size: int, momentum: float, seed: int,
 ) -> dict[str, Any]:
-    """Per-step activation tables (FSC, §5.6): for each step, init on ``init_samples`` random samples of
-    that step, EMA (momentum) over all of them in shuffled mini-batches; stack (scale, z) into tables.
+    """Per-step activation tables (FSC, §5.6), in the official order. For each step s, with every weight
+    hard-rounded and every activation quantizer on:
 
-    The Lp search at init is skipped: the first EMA update overwrites its result with min-max of the
-    EMA extremes, which start from the init batch's raw extremes either way (identical outcome).
+    1. forget the ranges; forward ``init_samples`` random samples of step s: each quantizer initialises by
+       its ``init`` rule (Lp search) on what it sees and fake-quantizes it, so downstream quantizers
+       initialise on quantized inputs;
+    2. running statistics on: forward all samples of step s in shuffled mini-batches of ``batch_size``;
+       each batch moves the raw extremes by the EMA (``momentum``) and resets (scale, z) to their min-max;
+    3. table[s] = (scale, z) of every quantizer.
     """
     set_quant_state(qmodel, weight=True, act=True)
     dev = next(qmodel.parameters()).device
@@ -218,14 +233,16 @@ def fsc_stage(
     for q in quantizers:
         q.set_step_tables(torch.empty(0), torch.empty(0))
         q.momentum = momentum
-    for s in range(n_steps):
+    for s in tqdm(range(n_steps), desc="FSC steps", leave=False, mininterval=2.0):
         pool = record_pool_by_step[s]
         for q in quantizers:
             q.reset()
-            q.observing, q.running_stat = True, True  # running_stat: init records raw extremes only
+            q.observing, q.running_stat = True, False
         first = pool.shuffled(init_samples, seed * 7919 + s)
         with step_context(s):
             qmodel(first.x.to(dev), first.t.to(dev))
+            for q in quantizers:
+                q.running_stat = True
             for x, t, _ in pool.shuffled(None, seed * 7919 + s + 1).batches(batch_size):
                 qmodel(x.to(dev), t.to(dev))
         for j, q in enumerate(quantizers):
@@ -233,6 +250,9 @@ def fsc_stage(
             zps[j].append(q.zero_point.detach().clone())
     for j, q in enumerate(quantizers):
         q.observing = q.running_stat = False
-        q.set_step_tables(torch.stack(scales[j]), torch.stack(zps[j]))
+        table = torch.stack(scales[j])
+        require_finite(table, f"FSC table of activation quantizer {j} of {len(quantizers)}",
+                       "the calibration pool or the quantized weights hold non-finite values")
+        q.set_step_tables(table, torch.stack(zps[j]))
         q.reset()
     return {"fsc_steps": n_steps, "fsc_quantizers": len(quantizers)}

@@ -1,6 +1,6 @@
 """BRECQ, Q-Diffusion and TFMQ-DM as recipes over the core, the adapter and the engine.
 
-Each follows ALGORITHMS.md: weight stage (AdaRound, activations off) first, then the
+Each follows docs/methods.md: weight stage (AdaRound, activations off) first, then the
 activation stage (LSQ for BRECQ and Q-Diffusion; per-step EMA tables for TFMQ-DM).
 """
 
@@ -35,12 +35,18 @@ def _opt(ctx: MethodContext, key: str, default: Any) -> Any:
     return ctx.quantizer.get("options", {}).get(key, default)
 
 
+def pool_steps(num_steps: int, calib_steps: int) -> list[int]:
+    """The official step selection ``range(0, N, N // calib_steps)`` (QD's cali_st; TFMQ's interval_length
+    N // calib_steps): 17 steps for N=50, calib_steps=16; every step when calib_steps >= N."""
+    return list(range(0, num_steps, max(1, num_steps // max(1, calib_steps))))
+
+
 def weight_pool(ctx: MethodContext):  # noqa: ANN201
-    """The shared pool: ``calib_steps`` uniformly spaced steps x (pool_size // calib_steps) samples."""
+    """The shared pool: the ``pool_steps`` x (pool_size // calib_steps) samples of each (QD's cali_n)."""
     rec = ctx.record
-    n_steps = min(int(_opt(ctx, "calib_steps", 16)), rec.num_steps)
-    chosen = [k * rec.num_steps // n_steps for k in range(n_steps)]
-    per_step = max(1, int(ctx.recon.pool_size) // n_steps)
+    calib_steps = int(_opt(ctx, "calib_steps", 16))
+    chosen = pool_steps(rec.num_steps, calib_steps)
+    per_step = max(1, int(ctx.recon.pool_size) // min(calib_steps, rec.num_steps))
     if per_step > rec.xs.shape[1]:
         raise UserError(
             f"recon.pool_size={ctx.recon.pool_size} needs {per_step} samples per step but the calibration record "
@@ -70,17 +76,27 @@ def _prepare(ctx: MethodContext, method: str, split: bool, quant_attention: bool
     swap_modules(qmodel, recipe, splits)
     init_weight_ranges(qmodel)
     if recipe.act.enabled and bool(_opt(ctx, "quant_attention", quant_attention)):
-        adapters.install_attention_quantizers(qmodel, recipe.act.n_bits, int(_opt(ctx, "softmax_bits", 8)), False)
+        a = recipe.act
+        adapters.install_attention_quantizers(
+            qmodel, a.n_bits, int(_opt(ctx, "softmax_bits", 8)), False, init=a.init, symmetric=a.symmetric,
+            softmax_always_zero=ctx.origin != "ddim", ema=a.ema,
+        )
     runner = runner_from(ctx.trainer)
     return Setup(qmodel.to(runner.device), ctx.fp_unet.to(runner.device), recipe, weight_pool(ctx),
                  settings_from(ctx.recon), runner)
+
+
+def _auto(value: Any, default: bool) -> bool:
+    """A method switch that may be 'auto' (decided by the model's origin)."""
+    return default if str(value) == "auto" else bool(value)
 
 
 def _rule_options(ctx: MethodContext, method: str) -> dict[str, Any]:
     if method == "brecq":
         return {"brecq_8bit_head_stem": bool(_opt(ctx, "head_stem_8bit", False))}
     if method == "tfmq":
-        return {"tfmq_attention_fp": bool(_opt(ctx, "attention_fp", True))}
+        # TFMQ wraps no Conv1d: LDM attention qkv/proj_out stay FP; DDIM's AttnBlock uses 1x1 Conv2d (wrapped)
+        return {"tfmq_attention_fp": _auto(_opt(ctx, "attention_fp", "auto"), ctx.origin == "ldm")}
     return {}
 
 
@@ -106,17 +122,22 @@ def _layer_units(qmodel: torch.nn.Module, names: list[str]) -> list[adapters.Uni
 def _lsq_method(ctx: MethodContext, method: str) -> MethodResult:
     """BRECQ (§3.2) and Q-Diffusion (§4): AdaRound blocks, then LSQ on activation steps."""
     t0 = time.perf_counter()
-    split = method == "qdiff" and bool(_opt(ctx, "split_shortcut", True))
+    # QD's DDIM and SD scripts split the up-block shortcuts; its LDM script has no split option (§4.2)
+    split = method == "qdiff" and _auto(_opt(ctx, "split_shortcut", "auto"), ctx.origin != "ldm")
     su = _prepare(ctx, method, split, quant_attention=method == "qdiff")
     qmodel, fp, recipe, pool, s, runner = su.qmodel, su.fp, su.recipe, su.pool, su.settings, su.runner
     # Q-Diffusion also reconstructs the time-embedding MLP, as single layers, before the blocks (§2)
     temb = [n for n in adapters.temporal_layer_names(qmodel) if not n.endswith("time_emb_proj")]
     units = _layer_units(qmodel, temb) + units_of(ctx, qmodel)
+    if method == "brecq" and bool(_opt(ctx, "head_stem_8bit", False)):
+        units = [u for u in units if u.name != "conv_in"]  # BRECQ keeps its 8-bit first layer as rounded (§3.1)
     reports = weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on))
     t1 = time.perf_counter()
     if recipe.act.enabled:
         init_activations(qmodel, pool, int(ctx.quantizer.act_calib_samples), ctx.seed,
-                         bool(_opt(ctx, "running_stat", False)), int(ctx.calib.batch_size))
+                         bool(_opt(ctx, "running_stat", False)), int(_opt(ctx, "running_stat_batch", 64)),
+                         order=str(_opt(ctx, "act_init_order", "random")),
+                         stat_order=str(_opt(ctx, "running_stat_order", "shuffled")))
         if bool(_opt(ctx, "lsq", True)) and s.act_iters > 0:
             reports += lsq_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on))
     set_quant_state(qmodel, weight=True, act=recipe.act.enabled)

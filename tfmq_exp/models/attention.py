@@ -1,4 +1,4 @@
-"""Attention matmul quantizers for diffusers ``Attention`` modules (ALGORITHMS.md §4.1, §9 D2).
+"""Attention matmul quantizers for diffusers ``Attention`` modules (docs/methods.md §4.1, §9 D2).
 
 ``QuantAttnProcessor`` is a diffusers attention processor (the call signature of diffusers 0.42
 ``AttnProcessor``/``AttnProcessor2_0``) that is also an ``nn.Module``. It owns four
@@ -42,13 +42,19 @@ def _attention_class() -> type[nn.Module]:
 class QuantAttnProcessor(nn.Module):
     """Diffusers attention processor with fake-quant q, k, v and softmax-probability quantizers."""
 
-    def __init__(self, act_bits: int = 8, softmax_bits: int = 8, enabled: bool = False, init: str = "lp") -> None:
+    def __init__(
+        self, act_bits: int = 8, softmax_bits: int = 8, enabled: bool = False, init: str = "lp",
+        symmetric: bool = False, softmax_always_zero: bool = True, ema: str = "zero_forced",
+    ) -> None:
         super().__init__()
-        self.q_quantizer = UniformQuantizer(act_bits, per_channel=False, init=init, enabled=enabled)
-        self.k_quantizer = UniformQuantizer(act_bits, per_channel=False, init=init, enabled=enabled)
-        self.v_quantizer = UniformQuantizer(act_bits, per_channel=False, init=init, enabled=enabled)
+        kw = {"per_channel": False, "init": init, "enabled": enabled, "ema": ema}
+        self.q_quantizer = UniformQuantizer(act_bits, symmetric=symmetric, **kw)
+        self.k_quantizer = UniformQuantizer(act_bits, symmetric=symmetric, **kw)
+        self.v_quantizer = UniformQuantizer(act_bits, symmetric=symmetric, **kw)
+        # LDM/SD: probabilities on [0, 2^b - 1] with z = 0; QD's DDIM AttnBlock: an ordinary activation
+        # quantizer that follows a_sym (§9 Q4: half its grid is spent on negative values)
         self.softmax_quantizer = UniformQuantizer(
-            softmax_bits, per_channel=False, init=init, always_zero=True, enabled=enabled
+            softmax_bits, always_zero=softmax_always_zero, symmetric=symmetric and not softmax_always_zero, **kw
         )
 
     def quantizers(self) -> list[UniformQuantizer]:
@@ -150,7 +156,8 @@ def attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def install_attention_quantizers(
-    unet: nn.Module, act_bits: int, softmax_bits: int, enabled: bool, init: str = "lp"
+    unet: nn.Module, act_bits: int, softmax_bits: int, enabled: bool, init: str = "lp", symmetric: bool = False,
+    softmax_always_zero: bool = True, ema: str = "zero_forced",
 ) -> list[str]:
     """Give every ``Attention`` a fresh ``QuantAttnProcessor``; returns the Attention module names.
 
@@ -161,7 +168,9 @@ def install_attention_quantizers(
     """
     names = []
     for name, attn in attention_modules(unet):
-        attn.set_processor(QuantAttnProcessor(act_bits, softmax_bits, enabled, init))
+        attn.set_processor(
+            QuantAttnProcessor(act_bits, softmax_bits, enabled, init, symmetric, softmax_always_zero, ema)
+        )
         if attn._modules.get("processor") is not attn.processor:  # pragma: no cover - diffusers contract
             raise RuntimeError(f"diffusers did not register the processor of {name} as a child module")
         names.append(name)
@@ -182,3 +191,19 @@ def set_attention_quant_state(unet: nn.Module, enabled: bool) -> None:
     """Switch every attention matmul quantizer on or off."""
     for q in attention_quantizers(unet).values():
         q.enabled = enabled
+
+
+def attention_settings(unet: nn.Module) -> dict | None:
+    """What ``install_attention_quantizers`` needs to rebuild the installed quantizers (for checkpoints)."""
+    procs = [m for m in unet.modules() if isinstance(m, QuantAttnProcessor)]
+    if not procs:
+        return None
+    q, sm = procs[0].q_quantizer, procs[0].softmax_quantizer
+    return {"act_bits": q.n_bits, "softmax_bits": sm.n_bits, "enabled": q.enabled, "init": q.init,
+            "symmetric": q.symmetric, "softmax_always_zero": sm.always_zero, "ema": q.ema}
+
+
+def reinstall_attention_quantizers(unet: nn.Module, settings: dict) -> None:
+    """Install the quantizers a checkpoint's ``attention_settings`` describe, disabled until loaded."""
+    kw = {k: settings[k] for k in ("init", "symmetric", "softmax_always_zero", "ema") if k in settings}
+    install_attention_quantizers(unet, settings["act_bits"], settings["softmax_bits"], False, **kw)

@@ -1,4 +1,4 @@
-"""Quantization math as pure functions (ALGORITHMS.md §1.1-1.3).
+"""Quantization math as pure functions (docs/methods.md §1.1-1.3).
 
 Conventions: asymmetric integer grid [0, 2^b - 1]; ``scale`` and ``zero_point`` broadcast
 against ``x`` (per output channel for weights, scalars for activations).
@@ -47,6 +47,37 @@ def minmax_params(
         return scale, torch.zeros_like(scale)
     scale = torch.clamp((hi - lo) / (2**n_bits - 1), min=MIN_SCALE)
     return scale, torch.round(-lo / scale)
+
+
+def qdiff_max_params(
+    x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int, always_zero: bool = False, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q-Diffusion's 'max' init (§1.2a): the scale spans the raw max - min, the zero point uses min(x_min, 0).
+
+    Symmetric: scale = max(|min(x_min, 0)|, max(x_max, 0)) / (2^(b-1) - 1), z = 0. always_zero: as min-max.
+    """
+    if symmetric or always_zero:
+        return minmax_params(x_min, x_max, n_bits, always_zero, symmetric)
+    scale = torch.clamp((x_max - x_min) / (2**n_bits - 1), min=MIN_SCALE)
+    return scale, torch.round(-torch.clamp(x_min, max=0.0) / scale)
+
+
+def raw_range_params(
+    x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int, always_zero: bool = False, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from running extremes without forcing 0 into the range (QD's EMA update, §1.2c).
+
+    Asymmetric: scale = (max - min) / (2^b - 1), z = round(-min / scale) (z may leave [0, 2^b - 1] for
+    one-signed data; the grid still spans [min, max]). Symmetric: scale = max(|min|, |max|) / (2^(b-1) - 1).
+    """
+    if symmetric:
+        scale = torch.clamp(torch.maximum(x_min.abs(), x_max.abs()) / (2 ** (n_bits - 1) - 1), min=MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    if always_zero:
+        scale = torch.clamp(torch.clamp(x_max, min=0.0) / (2**n_bits - 1), min=MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((x_max - x_min) / (2**n_bits - 1), min=MIN_SCALE)
+    return scale, torch.round(-x_min / scale)
 
 
 def lp_search_params(

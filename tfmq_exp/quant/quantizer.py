@@ -18,6 +18,11 @@ from torch import nn
 from tfmq_exp.quant import functional as F
 from tfmq_exp.quant.steps import current_step
 
+# lp: Lp clipping search; minmax: min-max with 0 inside (TFMQ); max: Q-Diffusion's 'max' (docs/methods.md §1.2)
+INITS = ("lp", "minmax", "max")
+# how a running statistic (EMA of batch extremes) becomes (scale, z): TFMQ forces 0 into the range, QD does not
+EMA_RULES = ("zero_forced", "raw")
+
 
 class StepNotCalibratedError(RuntimeError):
     """A sampling step outside the per-step activation tables."""
@@ -34,11 +39,14 @@ class UniformQuantizer(nn.Module):
         symmetric: bool = False,
         momentum: float = 0.95,
         enabled: bool = True,
+        ema: str = "zero_forced",
     ) -> None:
         super().__init__()
-        if init not in ("lp", "minmax"):
-            raise ValueError(f"unknown range init '{init}' (use 'lp' or 'minmax')")
-        self.n_bits, self.per_channel, self.init = int(n_bits), per_channel, init
+        if init not in INITS:
+            raise ValueError(f"unknown range init '{init}' (use one of {list(INITS)})")
+        if ema not in EMA_RULES:
+            raise ValueError(f"unknown running-stat range rule '{ema}' (use one of {list(EMA_RULES)})")
+        self.n_bits, self.per_channel, self.init, self.ema = int(n_bits), per_channel, init, ema
         self.p, self.always_zero, self.symmetric, self.momentum = p, always_zero, symmetric, momentum
         self.enabled = enabled
         self.observing = False
@@ -80,7 +88,7 @@ class UniformQuantizer(nn.Module):
         return x.detach().min(), x.detach().max()
 
     def init_range(self, x: torch.Tensor) -> None:
-        """Set (scale, zero_point) from ``x``: Lp clipping search or min-max."""
+        """Set (scale, zero_point) from ``x`` by the ``init`` rule; keep the raw extremes for a later EMA."""
         lo, hi = self._extremes(x)
         self.x_min, self.x_max = lo.clone(), hi.clone()
         if self.init == "lp" and not self.symmetric:
@@ -88,21 +96,28 @@ class UniformQuantizer(nn.Module):
                 x, self.n_bits, self.p, per_channel=self.per_channel, always_zero=self.always_zero
             )
             self.scale, self.zero_point = self._shape(x, s), self._shape(x, z)
+        elif self.init == "max" or (self.init == "lp" and self.symmetric):
+            # a symmetric Lp search is inconsistent in QD (§9 Q5) and unused by its recipes: 'max' instead
+            self.scale, self.zero_point = F.qdiff_max_params(lo, hi, self.n_bits, self.always_zero, self.symmetric)
         else:
             self._set_from_extremes()
 
     def _set_from_extremes(self) -> None:
-        s, z = F.minmax_params(self.x_min, self.x_max, self.n_bits, self.always_zero, self.symmetric)
+        if self.ema == "raw" and self.running_stat:
+            s, z = F.raw_range_params(self.x_min, self.x_max, self.n_bits, self.always_zero, self.symmetric)
+        else:
+            s, z = F.minmax_params(self.x_min, self.x_max, self.n_bits, self.always_zero, self.symmetric)
         self.scale, self.zero_point = s, z
 
     def observe(self, x: torch.Tensor) -> None:
-        """One calibration batch: initialise, then EMA (running_stat) or global min-max."""
+        """One calibration batch: the first initialises (``init``), later ones update the range.
+
+        With ``running_stat`` the raw extremes follow an EMA and (scale, z) is recomputed from them
+        (``ema``: "zero_forced" as TFMQ, "raw" as Q-Diffusion's ``act_momentum_update``, §1.2c); without
+        it an ``init="minmax"`` quantizer widens to the global min-max and the others keep their init.
+        """
         if not self.initialized:
-            if self.running_stat:  # an EMA follows: only the raw extremes of this batch matter (§1.2c)
-                self.x_min, self.x_max = (v.clone() for v in self._extremes(x))
-                self._set_from_extremes()
-            else:
-                self.init_range(x)
+            self.init_range(x)
             return
         lo, hi = self._extremes(x)
         if self.running_stat:
@@ -185,4 +200,6 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"
-        return f"bits={self.n_bits}, {kind}, init={self.init}, enabled={self.enabled}, rounding={self.rounding}"
+        sym = ", symmetric" if self.symmetric else ""
+        return (f"bits={self.n_bits}, {kind}{sym}, init={self.init}, enabled={self.enabled}, "
+                f"rounding={self.rounding}")

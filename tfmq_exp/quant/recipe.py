@@ -23,6 +23,7 @@ class QuantizerSpec:
     p: float = 2.4
     symmetric: bool = False
     enabled: bool = True
+    ema: str = "zero_forced"  # running-stat range rule: zero_forced (TFMQ) | raw (Q-Diffusion)
 
 
 @dataclass

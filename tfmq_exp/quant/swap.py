@@ -17,7 +17,8 @@ from tfmq_exp.quant.recipe import QuantizerSpec, QuantRecipe
 
 
 def _make(spec: QuantizerSpec, n_bits: int, enabled: bool) -> UniformQuantizer:
-    return UniformQuantizer(n_bits, spec.per_channel, spec.init, spec.p, symmetric=spec.symmetric, enabled=enabled)
+    return UniformQuantizer(n_bits, spec.per_channel, spec.init, spec.p, symmetric=spec.symmetric, enabled=enabled,
+                            ema=spec.ema)
 
 
 def swap_modules(model: nn.Module, recipe: QuantRecipe, splits: dict[str, int] | None = None) -> nn.Module:

@@ -1,7 +1,7 @@
 """The optimisation loops: AdaRound over weight rounding, LSQ over activation step sizes.
 
 Both take a ``loss_fn(idx)`` that returns the reconstruction loss of the samples ``idx``
-(drawn with a fresh randperm every iteration, no epochs: ALGORITHMS.md §1.3), so blocks,
+(drawn with a fresh randperm every iteration, no epochs: docs/methods.md §1.3), so blocks,
 single layers and the Temporal Information Block (TIAR) share one loop. Fabric supplies
 the device and, with several processes, the gradient all-reduce (None gradients skipped,
 §9 T1).
@@ -9,7 +9,6 @@ the device and, with several processes, the gradient all-reduce (None gradients 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tfmq_exp.checks import require_finite
 from tfmq_exp.quant.functional import adaround_schedule
 from tfmq_exp.quant.quantizer import UniformQuantizer
 
@@ -75,9 +75,22 @@ class FabricRunner:
                     p.grad = self.fabric.all_reduce(p.grad, reduce_op="mean")
 
 
+def eval_indices(n: int, k: int) -> torch.Tensor:
+    """A fixed sample of ``min(n, k)`` pool indices spread evenly over the pool.
+
+    Pools are ordered by sampling step (step-major), so even spacing takes the same share of every step:
+    the reported losses describe the whole trajectory, not only its first (noisiest) step.
+    """
+    m = min(n, k)
+    return torch.arange(m) * n // m
+
+
 @torch.no_grad()
-def _eval_loss(loss_fn: LossFn, n: int, k: int) -> float:
-    return float(loss_fn(torch.arange(min(n, k))).item())
+def _eval_loss(loss_fn: LossFn, n: int, k: int, what: str) -> float:
+    loss = loss_fn(eval_indices(n, k))
+    require_finite(loss, f"reconstruction loss of {what}",
+                   "the unit's cached inputs or weights are not finite (check the FP model and the bit widths)")
+    return float(loss.item())
 
 
 def optimize_rounding(
@@ -87,7 +100,7 @@ def optimize_rounding(
     """AdaRound: Adam on alpha only; regulariser off for the first warmup fraction, beta 20 -> 2; then hard."""
     for q in quantizers:
         q.rounding = "nearest"
-    before = _eval_loss(loss_fn, n, s.eval_samples)
+    before = _eval_loss(loss_fn, n, s.eval_samples, desc)
     for q in quantizers:
         q.rounding = "soft"
     alphas = [q.alpha for q in quantizers]
@@ -106,7 +119,7 @@ def optimize_rounding(
     for q in quantizers:
         q.rounding = "hard"
     wall = time.perf_counter() - t0
-    after = _eval_loss(loss_fn, n, s.eval_samples)
+    after = _eval_loss(loss_fn, n, s.eval_samples, desc)
     return {"loss_before": before, "loss_after": after, "wall_s": wall, "iters": s.iters}
 
 
@@ -128,7 +141,7 @@ def optimize_steps(
     seed: int, desc: str = "lsq",
 ) -> dict[str, float]:
     """LSQ-style step learning: Adam on the scalar scales, cosine to 0 over act_iters; z fixed (§1.5)."""
-    before = _eval_loss(loss_fn, n, s.eval_samples)
+    before = _eval_loss(loss_fn, n, s.eval_samples, desc)
     params = [_as_parameter(q) for q in quantizers]
     opt = torch.optim.Adam(params, lr=s.act_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s.act_iters), eta_min=0.0)
@@ -145,11 +158,10 @@ def optimize_steps(
             with torch.no_grad():
                 for p in params:
                     p.clamp_(min=1e-8)
-                    if not math.isfinite(float(p.sum())):
-                        raise FloatingPointError("LSQ produced a non-finite step size")
+                    require_finite(p, f"LSQ step size in {desc}", "lower recon.act_lr or check the unit's inputs")
     finally:
         for q in quantizers:
             _as_buffer(q)
     wall = time.perf_counter() - t0
-    return {"loss_before": before, "loss_after": _eval_loss(loss_fn, n, s.eval_samples), "wall_s": wall,
+    return {"loss_before": before, "loss_after": _eval_loss(loss_fn, n, s.eval_samples, desc), "wall_s": wall,
             "iters": s.act_iters}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import traceback
@@ -21,8 +22,23 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured task and return its results dict."""
-    out = Path(cfg.paths.output_dir)
+    """Check the config, run the configured task and return its results dict.
+
+    The run folder holds an INCOMPLETE marker from the first checks until the task has written
+    everything, so a folder whose run failed or was interrupted never looks finished.
+    """
+    from tfmq_exp.results import mark_complete, mark_incomplete
+    from tfmq_exp.tasks.common import preflight
+
+    out = preflight(cfg)
+    mark_incomplete(out, str(cfg.task))
+    results = _run_task(cfg, out)
+    if results.get("rank", 0) == 0:
+        mark_complete(out)
+    return results
+
+
+def _run_task(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if cfg.task == "train":
         from tfmq_exp.tasks.train import run_train
 
@@ -42,15 +58,64 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     raise UserError(f"unknown task '{cfg.task}'. Fix: use task=quantize, train, sample or evaluate.")
 
 
+WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)
+
+
+def fail(cfg: DictConfig, message: str, code: int) -> None:
+    """Print ``error: message`` (one line, prefixed with the job in a sweep), log it to app.log, exit."""
+    from tfmq_exp.results import note_failure
+
+    if cfg.get("traceback"):
+        traceback.print_exc()
+    message = f"{_job_label()}{message}"
+    print(f"error: {message}", file=sys.stderr)
+    _log_to_file(f"error: {message}")
+    note_failure(Path(cfg.paths.output_dir), message)
+    sys.exit(code)
+
+
+def _job_label() -> str:
+    """``job #N (overrides): `` inside a multirun, else empty."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return f"job #{hc.job.num} ({' '.join(hc.overrides.task)}): "
+    except ValueError:  # not under Hydra (tests call run() directly)
+        pass
+    return ""
+
+
+def _log_to_file(line: str) -> None:
+    """The run's app.log gets the error too; the console already has it from print()."""
+    record = logging.LogRecord("tfmq_exp", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    from tfmq_exp.tasks.common import current_stage
+
     try:
         results = run(cfg)
     except UserError as err:
-        if cfg.get("traceback"):
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        fail(cfg, str(err), err.exit_code)
+    except KeyboardInterrupt:
+        ckpt = Path(cfg.paths.output_dir) / "quantized.safetensors"
+        fix = (f"finish it with task=evaluate ckpt={ckpt} (same model and sampler)" if ckpt.is_file()
+               else "run it again")
+        fail(cfg, f"interrupted during {current_stage()}; nothing half-written was kept (the run folder is "
+                  f"marked INCOMPLETE). Fix: {fix}.", 130)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        where = err.filename or cfg.paths.output_dir
+        fail(cfg, f"cannot write {where}: {err.strerror}. Fix: free space or point paths.cache_dir / "
+                  "hydra.run.dir at a writable folder.", 2)
     return results.get("objective")
 
 

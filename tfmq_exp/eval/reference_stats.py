@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Callable, Iterable
@@ -88,7 +89,11 @@ def reference_stats(
         cached = _read(path, key)
         if cached is not None and (cached.pool is not None or not need_pool):
             return cached
-    feats = extractor.extract(source.batches(extractor.batch_size), total=source.n, desc="reference features")
+    where = f"cached in {path} for later runs" if path is not None else "not cached: no cache folder"
+    logging.getLogger("tfmq_exp").info(
+        "reference statistics of %s (%d images): computed once, %s", source.identity, source.n, where)
+    desc = "reference features (once, then cached)" if path is not None else "reference features"
+    feats = extractor.extract(source.batches(extractor.batch_size), total=source.n, desc=desc)
     stats = _stats_from_features(feats, key, source.identity, need_pool)
     if path is not None:
         _write(path, stats)

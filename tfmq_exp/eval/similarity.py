@@ -75,7 +75,12 @@ def similarity_metrics(images, fp_images) -> dict[str, float]:
 
 
 def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    from tfmq_exp.checks import require_finite
+
     x, y = to_unit_float(a), to_unit_float(b)
+    fix = "the sampler produced NaN/Inf images; find where with traceback=true"
+    require_finite(x, "images scored for similarity", fix)  # NaN == NaN would score a perfect match
+    require_finite(y, "FP reference images for similarity", fix)
     if x.shape != y.shape:
         raise ValueError(f"image batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
     return x, y

@@ -61,10 +61,16 @@ def plot_temporal_error(report: dict, path: str | Path, title: str = "temporal f
     x = np.arange(len(report["steps"]))
     fig = Figure(figsize=(10, 4))
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(x, report["cosine"], label="cosine similarity")
-    ax1.plot(x, report["rel_l2"], label="relative L2 error")
+    # cosine sits near 1 and the relative error near 0: one axis each, each scaled to its own data
+    line1 = ax1.plot(x, report["cosine"], color="tab:blue", label="cosine similarity")
+    ax1.set_ylim(*data_limits(report["cosine"]))
+    ax1.set_ylabel("cosine similarity")
+    ax1r = ax1.twinx()
+    line2 = ax1r.plot(x, report["rel_l2"], color="tab:orange", label="relative L2 error")
+    ax1r.set_ylim(*data_limits(report["rel_l2"]))
+    ax1r.set_ylabel("relative L2 error")
     ax1.set_xlabel("sampling step (index)")
-    ax1.legend()
+    ax1.legend(line1 + line2, [ln.get_label() for ln in line1 + line2], loc="best")
     ax1.set_title(title)
     ax2.plot(x, x, "k--", linewidth=0.8, label="same step")
     ax2.scatter(x, report["nearest_fp_index"], s=10, label="nearest FP step")
@@ -76,6 +82,17 @@ def plot_temporal_error(report: dict, path: str | Path, title: str = "temporal f
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def data_limits(values: Sequence[float], margin: float = 0.1) -> tuple[float, float]:
+    """Axis limits around the finite data with a margin; a flat series gets a small band around its value."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    span = hi - lo if hi > lo else max(abs(hi) * 1e-3, 1e-9)
+    return lo - margin * span, hi + margin * span
 
 
 def _stack(features: Features) -> tuple[list[str], torch.Tensor]:

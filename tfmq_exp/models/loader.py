@@ -55,6 +55,15 @@ def load_safetensors_state(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def require_finite_state(state: dict[str, torch.Tensor], where: str) -> None:
+    """NaN/Inf weights poison every later number: stop at load time, naming the first bad tensor."""
+    from tfmq_exp.checks import require_finite
+
+    for name, value in state.items():
+        require_finite(value, f"{where}: tensor '{name}'",
+                       "restore the weights file (git checkout it) or retrain with `python -m tfmq_exp task=train`")
+
+
 def build_unet(arch: dict[str, Any]) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
@@ -74,6 +83,7 @@ def load_model(cfg: Any, *, weights: bool = True) -> LoadedModel:
         if weights:
             path = resolve_weights_path(cfg.get("weights"), f"{cfg.name}_unet.safetensors")
             state = load_safetensors_state(path)
+            require_finite_state(state, f"weights file {path}")
             try:
                 unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
             except RuntimeError as err:
@@ -84,10 +94,15 @@ def load_model(cfg: Any, *, weights: bool = True) -> LoadedModel:
                 ) from None
     elif source == "diffusers":
         unet = _from_pretrained(cfg)
+        require_finite_state(unet.state_dict(), f"model '{cfg.pretrained}'")
         if not sched:
             sched = _scheduler_from_pretrained(cfg)
+    elif source == "original":  # an original CompVis/ddim checkpoint, a diffusers folder or a hub id
+        from tfmq_exp.models.original import load_original
+
+        return load_original(cfg, weights=weights)
     else:
-        raise UserError(f"unknown model.source '{source}'. Fix: use 'embedded' or 'diffusers'.")
+        raise UserError(f"unknown model.source '{source}'. Fix: use 'embedded', 'diffusers' or 'original'.")
     unet.eval().requires_grad_(False)
     return LoadedModel(unet, sched, cfg.name, int(cfg.image_size), int(cfg.channels))
 

@@ -47,12 +47,14 @@ def evaluate_samples(cfg: DictConfig, images: torch.Tensor, out: Path) -> dict[s
 def temporal_diagnostics(fp_unet: torch.nn.Module, q_unet: torch.nn.Module, timesteps: list[int],
                          out: Path) -> dict[str, Any]:
     """Per sampling step: the quantized vs FP Temporal Information Block outputs (paper Fig. 2/4)."""
+    from tqdm import tqdm
+
     from tfmq_exp.eval import plot_temporal_error, temporal_feature_error
     from tfmq_exp.models.adapters import tib_features
 
     fp_feats, q_feats = [], []
     dev = next(q_unet.parameters()).device
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(tqdm(timesteps, desc="temporal diagnostics", unit="step", mininterval=2.0)):
         tt = torch.tensor([t], device=dev)
         fp_feats.append(torch.cat([v.flatten(1) for v in tib_features(fp_unet, tt).values()], 1).cpu())
         with step_context(i):
@@ -64,27 +66,40 @@ def temporal_diagnostics(fp_unet: torch.nn.Module, q_unet: torch.nn.Module, time
 
 def run_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Evaluate the FP model (or ckpt=PATH) with the configured evaluator."""
+    from tfmq_exp.checks import require_finite
     from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
     from tfmq_exp.diffusion.sharding import sample_sharded
     from tfmq_exp.models.loader import load_model
     from tfmq_exp.results import write_json
-    from tfmq_exp.tasks.common import build_sampler, image_shape, sampling_fabric, seed_everything
+    from tfmq_exp.tasks.common import (
+        build_sampler,
+        checked_model_fn,
+        image_shape,
+        sampling_fabric,
+        seed_everything,
+        set_stage,
+    )
     from tfmq_exp.tasks.sample import check_schedule, load_checkpoint_model
 
     seed_everything(cfg.seed)
     model, meta = load_checkpoint_model(cfg, cfg.ckpt) if cfg.ckpt else (load_model(cfg.model), {})
     sampler = build_sampler(cfg, model)
-    check_schedule(meta, sampler.timesteps, model.unet)
+    check_schedule(meta, sampler.timesteps, model.unet, sampler.describe())
     fabric = sampling_fabric(cfg)
     model.unet.to(fabric.device if fabric else sampler.device)
     n = max(samples_needed(cfg), int(cfg.n_grid))
-    imgs = to_uint8(sample_sharded(sampler, unet_fn(model.unet), n, image_shape(model), cfg.seed,
-                                   int(cfg.sampler.batch_size), fabric))
+    what = f"samples of {cfg.ckpt or 'the FP model'}"
+    set_stage("sampling")
+    x = sample_sharded(sampler, checked_model_fn(unet_fn(model.unet), what), n, image_shape(model), cfg.seed,
+                       int(cfg.sampler.batch_size), fabric)
+    require_finite(x, what, "the weights or the checkpoint's ranges are broken")
+    imgs = to_uint8(x)
     if fabric is not None and fabric.global_rank != 0:
         return {"task": "evaluate", "rank": fabric.global_rank}
+    set_stage("evaluation")
     metrics = evaluate_samples(cfg, imgs, out)
     results = {"task": "evaluate", "model": cfg.model.name, "ckpt": cfg.ckpt, "n": int(imgs.shape[0]),
-               "seed": int(cfg.seed), "sampler": sampler.describe(), "metrics": metrics}
+               "seed": int(cfg.seed), "sampler": sampler.describe(), "metrics": metrics, "complete": True}
     write_json(out / "results.json", results)
     log.info("evaluate: %s", metrics)
     return {**results, "objective": metrics.get("fid")}

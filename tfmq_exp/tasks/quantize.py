@@ -6,18 +6,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
 from tfmq_exp.eval.similarity import similarity_metrics
 from tfmq_exp.methods import MethodContext, build_recipe, get_method
-from tfmq_exp.models.attention import attention_quantizers
+from tfmq_exp.models.attention import attention_settings
 from tfmq_exp.models.loader import load_model
 from tfmq_exp.quant.state import save_quantized
 from tfmq_exp.quant.summary import quant_summary
-from tfmq_exp.results import config_signature, save_rows_png, write_json
-from tfmq_exp.tasks.common import bits_label, build_sampler, calib_record, image_shape, seed_everything, timed
+from tfmq_exp.results import config_signature, save_rows_png, write_json, write_npz
+from tfmq_exp.tasks.common import (
+    bits_label,
+    build_sampler,
+    calib_record,
+    checked_model_fn,
+    image_shape,
+    seed_everything,
+    set_stage,
+    timed,
+)
 from tfmq_exp.tasks.evaluate import active, evaluate_samples, samples_needed, temporal_diagnostics
 from tfmq_exp.tracking import make_tracker
 
@@ -47,6 +55,7 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         trainer=cfg.trainer,
         seed=int(cfg.seed),
         family=cfg.model.family,
+        origin=str(cfg.model.get("origin", "ddim")),
     )
     with timed(timings, "quantization_s"):
         res = method(ctx)
@@ -54,6 +63,7 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     bits = bits_label(res.recipe)
     if res.recipe is not None:
         log.info("quantized layers:\n%s", quant_summary(res.model))
+    ckpt = save_checkpoint(cfg, res, bits, sampler, out)  # now, so a later failure or interrupt keeps it
     n_fp = max(int(cfg.n_compare), int(cfg.n_grid))
     n_q = max(n_fp, samples_needed(cfg))
     bs = int(cfg.sampler.batch_size)
@@ -61,13 +71,15 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     model.unet.to(sampler.device)
     res.model.to(sampler.device)
     with timed(timings, "sampling_s"):
-        fp_img = to_uint8(sampler.sample(unet_fn(model.unet), n_fp if res.recipe else n_q, shape, cfg.seed, bs,
-                                         desc="FP samples"))
-        q_img = fp_img if res.recipe is None else to_uint8(
-            sampler.sample(unet_fn(res.model), n_q, shape, cfg.seed, bs, desc=f"{cfg.quantizer.name} samples")
-        )
+        fp_fn = checked_model_fn(unet_fn(model.unet), "FP samples")
+        fp_img = to_uint8(finite(sampler.sample(fp_fn, n_fp if res.recipe else n_q, shape, cfg.seed, bs,
+                                                desc="FP samples"), "FP samples"))
+        q_name = f"{cfg.quantizer.name} {bits} samples"
+        q_img = fp_img if res.recipe is None else to_uint8(finite(
+            sampler.sample(checked_model_fn(unet_fn(res.model), q_name), n_q, shape, cfg.seed, bs,
+                           desc=f"{cfg.quantizer.name} samples"), q_name))
     save_rows_png([fp_img[: cfg.n_grid], q_img[: cfg.n_grid]], out / "samples.png")
-    np.savez(out / "samples.npz", arr_0=q_img.permute(0, 2, 3, 1).numpy())  # ADM layout: uint8 NHWC
+    write_npz(out / "samples.npz", arr_0=q_img.permute(0, 2, 3, 1).numpy())  # ADM layout: uint8 NHWC
     n_cmp = int(cfg.n_compare)
     metrics: dict[str, Any] = {f"fp_{k}": v for k, v in similarity_metrics(q_img[:n_cmp], fp_img[:n_cmp]).items()}
     with timed(timings, "evaluation_s"):
@@ -80,22 +92,6 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
             res.info["temporal_error"] = temporal
     model.unet.cpu()
     res.model.cpu()
-    ckpt = None
-    if res.recipe is not None:
-        meta = {
-            "model": cfg.model.name,
-            "quantizer": cfg.quantizer.name,
-            "bits": bits,
-            "seed": int(cfg.seed),
-            "sampler": sampler.describe(),
-            "timesteps": sampler.timesteps,
-        }
-        attn = attention_quantizers(res.model)
-        if attn:
-            any_q = next(q for n, q in attn.items() if n.endswith("q_quantizer"))
-            sm = next(q for n, q in attn.items() if n.endswith("softmax_quantizer"))
-            meta["attention"] = {"act_bits": any_q.n_bits, "softmax_bits": sm.n_bits, "enabled": any_q.enabled}
-        ckpt = str(save_quantized(res.model, res.recipe, out / "quantized.safetensors", meta))
     objective = metrics.get("fid", metrics["fp_mse"])
     results = {
         "task": "quantize",
@@ -106,11 +102,13 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "config_signature": config_signature(cfg),
         "sampler": sampler.describe(),
         "calib_cache_hit": cache_hit,
+        "calib_record": None if record is None else record.stats,  # mode, model_calls, wall_s of making it
         "timings": timings,
         "metrics": metrics,
         "objective": objective,
         "checkpoint": ckpt,
         "method_info": res.info,
+        "complete": True,  # written last: a results.json without it comes from an older or broken run
     }
     write_json(out / "results.json", results)
     tracker.log({**metrics, **timings})
@@ -124,3 +122,31 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     log.info("wrote %s", out / "results.json")
     return results
+
+
+def finite(x: Any, what: str) -> Any:
+    from tfmq_exp.checks import require_finite
+
+    require_finite(x, what, "the model produced NaN/Inf; rerun with traceback=true to see where")
+    return x
+
+
+def save_checkpoint(cfg: DictConfig, res: Any, bits: str, sampler: Any, out: Path) -> str | None:
+    """Write quantized.safetensors (atomically) with what a reload must match; None for the FP reference."""
+    if res.recipe is None:
+        return None
+    set_stage("writing the checkpoint")
+    meta = {
+        "model": cfg.model.name,
+        "quantizer": cfg.quantizer.name,
+        "bits": bits,
+        "seed": int(cfg.seed),
+        "sampler": sampler.describe(),
+        "timesteps": sampler.timesteps,
+    }
+    attn = attention_settings(res.model)
+    if attn:
+        meta["attention"] = attn
+    path = save_quantized(res.model, res.recipe, out / "quantized.safetensors", meta)
+    log.info("wrote %s", path)
+    return str(path)

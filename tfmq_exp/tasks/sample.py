@@ -7,17 +7,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
+from tfmq_exp.checks import require_finite
 from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
 from tfmq_exp.diffusion.sharding import sample_sharded
 from tfmq_exp.errors import UserError
-from tfmq_exp.models.attention import install_attention_quantizers, set_attention_quant_state
+from tfmq_exp.models.attention import reinstall_attention_quantizers, set_attention_quant_state
 from tfmq_exp.models.loader import load_model
 from tfmq_exp.quant.state import load_quantized, read_header
-from tfmq_exp.results import save_rows_png, write_json
-from tfmq_exp.tasks.common import build_sampler, image_shape, sampling_fabric, seed_everything, timed
+from tfmq_exp.results import save_rows_png, write_json, write_npz
+from tfmq_exp.tasks.common import (
+    build_sampler,
+    checked_model_fn,
+    image_shape,
+    sampling_fabric,
+    seed_everything,
+    timed,
+)
 
 log = logging.getLogger("tfmq_exp")
 
@@ -43,7 +50,7 @@ def load_checkpoint_model(cfg: DictConfig, path: str) -> tuple[Any, dict[str, An
     attn = meta.get("attention")
     try:
         if attn:  # the matmul quantizers must exist before their state is loaded
-            install_attention_quantizers(model.unet, attn["act_bits"], attn["softmax_bits"], False)
+            reinstall_attention_quantizers(model.unet, attn)
         load_quantized(model.unet, p)
         if attn:
             set_attention_quant_state(model.unet, bool(attn["enabled"]))
@@ -52,22 +59,40 @@ def load_checkpoint_model(cfg: DictConfig, path: str) -> tuple[Any, dict[str, An
         raise UserError(
             f"checkpoint {p} does not fit model '{cfg.model.name}': {first}. Fix: use the model it was made for."
         ) from None
+    for name, value in model.unet.state_dict().items():
+        require_finite(value, f"checkpoint {p}: tensor '{name}'",
+                       "the checkpoint is damaged; quantize again with task=quantize")
     return model, meta
 
 
-def check_schedule(meta: dict[str, Any], timesteps: list[int], unet: Any) -> None:
-    """Per-step tables are indexed by step: sampling another schedule would read the wrong tables."""
+def check_schedule(meta: dict[str, Any], timesteps: list[int], unet: Any,
+                   sampler: dict[str, Any] | None = None) -> None:
+    """Per-step tables are indexed by step and were fitted to one sampler's activations: sampling with
+    another kind, step count, skip, eta or guidance would read tables made for other inputs.
+
+    ``sampler`` is ``Sampler.describe()`` of this run; every field it shares with the checkpoint's must match.
+    """
     from tfmq_exp.quant.quantizer import UniformQuantizer
 
+    if not any(isinstance(m, UniformQuantizer) and m.has_step_tables for m in unet.modules()):
+        return  # one range per quantizer: any schedule reads the same ranges
+    saved = (meta.get("sampler") or {}) if sampler is not None else {}  # no description: timesteps only
+    now = sampler or {}
+    diffs = [k for k in sorted(set(saved) | set(now)) if k in saved and k in now and saved[k] != now[k]]
+    diffs += [k for k in sorted(set(saved) ^ set(now)) if saved.get(k, now.get(k)) not in (None, False, 0)]
     calibrated = meta.get("timesteps")
-    has_tables = any(isinstance(m, UniformQuantizer) and m.has_step_tables for m in unet.modules())
-    if has_tables and calibrated is not None and list(calibrated) != list(timesteps):
-        s = meta.get("sampler", {})
-        raise UserError(
-            f"this checkpoint's per-step activation tables were calibrated for a {len(calibrated)}-step "
-            f"{s.get('kind', '')} schedule, not this {len(timesteps)}-step one. Fix: sample with "
-            f"sampler.steps={len(calibrated)} sampler.skip={s.get('skip', 'uniform')} (the quantize run's sampler)."
-        )
+    if not diffs and (calibrated is None or list(calibrated) == list(timesteps)):
+        return
+    if diffs:
+        what = "; ".join(f"sampler.{k} is {now.get(k)} here, {saved.get(k)} in the checkpoint" for k in diffs)
+        fix = " ".join(f"sampler.{k}={saved[k]}" for k in diffs if k in saved) + " (the quantize run's sampler)"
+    else:
+        what = (f"the {len(timesteps)} timesteps here differ from the checkpoint's {len(calibrated)} "
+                "(the model's training schedule changed)")
+        fix = "the model and model.scheduler the checkpoint was quantized with"
+    raise UserError(
+        f"this checkpoint's per-step activation tables were calibrated with another sampler: {what}. Fix: use {fix}."
+    )
 
 
 def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -78,18 +103,20 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
     else:
         model, meta = load_model(cfg.model), {"quantizer": "fp", "bits": "fp"}
     sampler = build_sampler(cfg, model)
-    check_schedule(meta, sampler.timesteps, model.unet)
+    check_schedule(meta, sampler.timesteps, model.unet, sampler.describe())
     fabric = sampling_fabric(cfg)
     model.unet.to(fabric.device if fabric else sampler.device)
     n = int(cfg.n_compare)
+    what = f"samples of {cfg.ckpt or 'the FP model'}"
     with timed(timings, "sampling_s"):
-        x = sample_sharded(sampler, unet_fn(model.unet), n, image_shape(model), cfg.seed,
+        x = sample_sharded(sampler, checked_model_fn(unet_fn(model.unet), what), n, image_shape(model), cfg.seed,
                            int(cfg.sampler.batch_size), fabric)
+    require_finite(x, what, "the weights or the checkpoint's ranges are broken")
     imgs = to_uint8(x)
     if fabric is not None and fabric.global_rank != 0:
         return {"task": "sample", "rank": fabric.global_rank}
     save_rows_png([imgs[: cfg.n_grid]], out / "samples.png")
-    np.savez(out / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
+    write_npz(out / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
     results = {
         "task": "sample",
         "model": cfg.model.name,
@@ -101,6 +128,7 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "devices": 1 if fabric is None else fabric.world_size,
         "sampler": sampler.describe(),
         "timings": timings,
+        "complete": True,
     }
     write_json(out / "results.json", results)
     log.info("wrote %d samples to %s", n, out / "samples.npz")

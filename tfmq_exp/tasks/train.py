@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ from omegaconf import DictConfig
 from tfmq_exp.errors import UserError
 from tfmq_exp.models.loader import load_model
 from tfmq_exp.models.train import train_denoiser
+from tfmq_exp.results import write_json
+from tfmq_exp.tasks.common import set_stage
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     model = load_model(cfg.model, weights=False)
     data = load_mnist_tensor()
     t = cfg.model.train
+    set_stage("training")
     log.info("training %s on %d images for %d steps", cfg.model.name, data.shape[0], t.steps)
     res = train_denoiser(
         model.unet,
@@ -43,7 +45,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         out_path=out / f"{cfg.model.name}_unet.safetensors",
         log_every=t.log_every,
     )
-    res = {"task": "train", "model": cfg.model.name, "n_images": int(data.shape[0]), **res}
-    (out / "results.json").write_text(json.dumps(res, indent=2))
+    res = {"task": "train", "model": cfg.model.name, "n_images": int(data.shape[0]), **res, "complete": True}
+    write_json(out / "results.json", res)
     log.info("wrote %s (%.0f s)", res["weights"], res["wall_s"])
     return res

@@ -55,7 +55,11 @@ def _run_task(cfg: DictConfig, out: Path) -> dict[str, Any]:
         from tfmq_exp.tasks.evaluate import run_evaluate
 
         return run_evaluate(cfg, out)
-    raise UserError(f"unknown task '{cfg.task}'. Fix: use task=quantize, train, sample or evaluate.")
+    if cfg.task == "export":
+        from tfmq_exp.tasks.export import run_export
+
+        return run_export(cfg, out)
+    raise UserError(f"unknown task '{cfg.task}'. Fix: use task=quantize, train, sample, evaluate or export.")
 
 
 WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)
@@ -122,8 +126,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     from tfmq_exp.precheck import precheck
 
-    problem = precheck(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    hydra_main()
+    try:
+        problem = precheck(sys.argv[1:])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        hydra_main()
+    except KeyboardInterrupt:  # before a job's own handler is in place: nothing was started
+        print("error: interrupted while the run was being set up; no results were written. Fix: run it again.",
+              file=sys.stderr)
+        sys.exit(130)

@@ -155,6 +155,20 @@ class PathsConfig:
 
 
 @dataclass
+class ExportConfig:
+    """task=export and backend=openvino (conf/export/, docs/deploy.md)."""
+
+    format: str = field(default="openvino", metadata=choice("openvino"))
+    # per-step activation tables: runtime (one model, step index as input), per_step (one model per distinct
+    # table), runtime_fq (tables fed to the quantize ops: measured only, the layers then run in float)
+    step_tables: str = field(default="runtime", metadata=choice("runtime", "per_step", "runtime_fq"))
+    precision: str = field(default="f32", metadata=choice("f32", "bf16"))  # runtime precision of the FP parts
+    threads: int = field(default=0, metadata=at_least(0, zero="the runtime's default"))
+    dir: str | None = None  # backend=openvino: the folder task=export wrote
+    verify_batch: int = field(default=4, metadata=positive())  # samples compared with the fake-quant model
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -172,6 +186,8 @@ class Config:
     n_grid: int = field(default=8, metadata=positive())  # samples.png columns (FP row above quantized row)
     n_compare: int = field(default=64, metadata=positive())  # samples compared with FP's from the same noise
     traceback: bool = False  # show the traceback of a user error
+    backend: str = field(default="torch", metadata=choice("torch", "openvino"))  # task=sample: who runs the UNet
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # Free-form nodes: the evaluator (conf/evaluator/) and the methods' quantizer.options.

@@ -106,10 +106,15 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
     check_schedule(meta, sampler.timesteps, model.unet, sampler.describe())
     fabric = sampling_fabric(cfg)
     model.unet.to(fabric.device if fabric else sampler.device)
+    model_fn = unet_fn(model.unet)
+    if cfg.get("backend", "torch") == "openvino":  # the exported integer model (docs/deploy.md)
+        from tfmq_exp.export.sample_backend import openvino_model_fn
+
+        model_fn, meta = openvino_model_fn(cfg, sampler, meta)
     n = int(cfg.n_compare)
     what = f"samples of {cfg.ckpt or 'the FP model'}"
     with timed(timings, "sampling_s"):
-        x = sample_sharded(sampler, checked_model_fn(unet_fn(model.unet), what), n, image_shape(model), cfg.seed,
+        x = sample_sharded(sampler, checked_model_fn(model_fn, what), n, image_shape(model), cfg.seed,
                            int(cfg.sampler.batch_size), fabric)
     require_finite(x, what, "the weights or the checkpoint's ranges are broken")
     imgs = to_uint8(x)
@@ -123,6 +128,7 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "ckpt": cfg.ckpt,
         "quantizer": meta.get("quantizer"),
         "bits": meta.get("bits"),
+        "backend": cfg.get("backend", "torch"),
         "seed": int(cfg.seed),
         "n": n,
         "devices": 1 if fabric is None else fabric.world_size,

@@ -56,6 +56,15 @@ def temporal_feature_error(fp: Features, quant: Features) -> dict:
 
 def plot_temporal_error(report: dict, path: str | Path, title: str = "temporal feature error") -> Path:
     """Write a two-panel PNG: cosine / relative L2 per step, and nearest FP step per quantized step."""
+    fig = temporal_error_figure(report, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def temporal_error_figure(report: dict, title: str = "temporal feature error"):
+    """The figure of plot_temporal_error; axes: [cosine, nearest step, relative L2 (twin of cosine)]."""
     from matplotlib.figure import Figure  # no pyplot: Agg canvas, no global backend change
 
     x = np.arange(len(report["steps"]))
@@ -78,10 +87,7 @@ def plot_temporal_error(report: dict, path: str | Path, title: str = "temporal f
     ax2.set_ylabel("FP step (index)")
     ax2.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig
 
 
 def data_limits(values: Sequence[float], margin: float = 0.1) -> tuple[float, float]:

@@ -53,7 +53,8 @@ def test_cin256_brings_its_class_embedder_and_sd_its_text_encoder(make_cfg):
         cin = load_model(make_cfg("model=ldm_cin256").model, weights=False)
         sd = load_model(make_cfg("model=sd14").model, weights=False)
     assert type(cin.cond_stage).__name__ == "ClassEmbedder" and cin.cond_stage.null_class == 1000
-    assert type(sd.cond_stage).__name__ == "CLIPTextModel"
+    assert type(sd.cond_stage).__name__ == "CLIPTextModel" and sd.text_encoder is sd.cond_stage
+    assert sd.class_embedder is None and sd.scaling_factor == 0.18215
     assert sd.cond_stage.config.hidden_size == 768 and sd.cond_stage.config.max_position_embeddings == 77
 
 

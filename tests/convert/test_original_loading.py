@@ -57,7 +57,13 @@ def test_lightning_ckpt_loads_through_load_model(tmp_path):
     model = load_model(_cfg(params, pretrained=str(path)))
     assert isinstance(model, OriginalModel) and model.source_path == str(path)
     assert not model.unet.training and not any(p.requires_grad for p in model.unet.parameters())
+    modules = (model.unet, model.first_stage, model.cond_stage)  # built on meta, then given the tensors
+    assert {p.device.type for m in modules for p in m.parameters()} == {"cpu"}
     assert model.scale_factor == 1.0 and model.first_stage.config.scaling_factor == 1.0
+    assert model.vae is model.first_stage and model.class_embedder is model.cond_stage and model.text_encoder is None
+    assert model.scaling_factor == 1.0 and (model.class_embedder.n_classes, model.class_embedder.null_class) == (10, 10)
+    with pytest.raises(UserError, match=r"class id out of range: got 3\.\.11, the model knows 0\.\.9 and the null"):
+        model.class_embedder(torch.tensor([3, 11]))
     _check_outputs(model, unet_io, vq_io)
 
 

@@ -48,6 +48,23 @@ class OriginalModel(LoadedModel):
     scale_factor: float = 1.0  # latents = scale_factor * first-stage latents (LDM's z scaling)
     source_path: str = ""  # the checkpoint, folder or hub id the weights came from
 
+    # the names the latent pipeline reads on a LoadedModel (as model=mnist_ldm provides them)
+    @property
+    def vae(self) -> torch.nn.Module | None:
+        return self.first_stage
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.scale_factor
+
+    @property
+    def class_embedder(self) -> torch.nn.Module | None:
+        return self.cond_stage if isinstance(self.cond_stage, class_embedder.ClassEmbedder) else None
+
+    @property
+    def text_encoder(self) -> torch.nn.Module | None:
+        return None if self.cond_stage is None or self.class_embedder is not None else self.cond_stage
+
 
 # ---------------------------------------------------------------- reading checkpoints
 
@@ -205,35 +222,40 @@ def load_original(cfg: Any, *, weights: bool = True) -> OriginalModel:
 def _assemble(cfg: Any, kind: str, params: dict, sched: dict, state: dict | None, ref: str) -> OriginalModel:
     """Build (and, given a state dict, fill) every stage of the model."""
     what = f"checkpoint {ref} for model '{cfg.name}'"
+    loading = state is not None
+    # with weights to load, the diffusers modules (which hold no buffers) are built on the meta
+    # device and take the converted tensors: no random initialisation of ~10^9 parameters first
+    device = torch.device("meta") if loading else torch.get_default_device()
     if kind == "ddim":
-        unet = ddim_model.build(params)
-        if state is not None:
-            load_converted(unet, ddim_model.convert(_expect(state, "", what), params))
+        with device:
+            unet = ddim_model.build(params)
+        if loading:
+            load_converted(unet, ddim_model.convert(_expect(state, "", what), params), assign=True)
         return _result(cfg, unet, sched, ref)
     unet_params = params["unet_config"]["params"]
-    unet = ldm_unet.build(unet_params)
     fs_cfg, cs_cfg = params.get("first_stage_config"), params.get("cond_stage_config")
     fs_kind, cs_kind = _stage_kind(fs_cfg), _stage_kind(cs_cfg)
     scale = float(params.get("scale_factor", 1.0))
-    fs = first_stage.build(fs_cfg["params"], fs_kind, scale) if fs_kind else None
-    cs = None
-    if cs_kind == "class":
-        cs = class_embedder.build(cs_cfg["params"])
-    elif cs_kind == "clip":
-        cs = clip_text.build()
-    if state is not None:
+    with device:
+        unet = ldm_unet.build(unet_params)
+        fs = first_stage.build(fs_cfg["params"], fs_kind, scale) if fs_kind else None
+        cs = class_embedder.build(cs_cfg["params"]) if cs_kind == "class" else None
+    if cs_kind == "clip":
+        cs = clip_text.build()  # has a non-persistent buffer (position ids): built on the real device
+    if loading:
         unet_state = _expect(state, UNET_PREFIX, what)
         if cfg.original.get("use_ema"):
             unet_state = ema_unet_state(state, list(unet_state))
-        load_converted(unet, ldm_unet.convert(unet_state, unet_params))
+        load_converted(unet, ldm_unet.convert(unet_state, unet_params), assign=True)
         if "scale_factor" in state:  # scale_by_std: the value fitted in training is a buffer
             scale = float(state["scale_factor"])
         if fs is not None:
             fs_state = strip_prefix(state, FIRST_STAGE_PREFIX) or _first_stage_file(cfg)
-            load_converted(fs, first_stage.convert(fs_state, fs_cfg["params"], fs_kind))
+            load_converted(fs, first_stage.convert(fs_state, fs_cfg["params"], fs_kind), assign=True)
             fs.register_to_config(scaling_factor=scale)
         if cs_kind == "class":
-            load_converted(cs, class_embedder.convert(_expect(state, COND_STAGE_PREFIX, what), cs_cfg["params"]))
+            cs_state = class_embedder.convert(_expect(state, COND_STAGE_PREFIX, what), cs_cfg["params"])
+            load_converted(cs, cs_state, assign=True)
         elif cs_kind == "clip":
             load_converted(cs, clip_text.convert(_expect(state, COND_STAGE_PREFIX, what)))
     for module in (fs, cs):
@@ -294,7 +316,9 @@ def _from_diffusers(cfg: Any, kind: str, params: dict, sched: dict, ref: str) ->
         fs_kind = _stage_kind(params.get("first_stage_config"))
         if fs_kind and parts.get("first_stage"):
             fs = load(diffusers.VQModel if fs_kind == "vq" else diffusers.AutoencoderKL, parts["first_stage"])
-            scale = float(fs.config.get("scaling_factor", scale)) if fs_kind == "kl" else scale
+            if fs_kind == "kl":  # SD's vae config carries 0.18215; LDM's VQ latents are not scaled
+                scale = float(fs.config.get("scaling_factor", scale))
+            fs.register_to_config(scaling_factor=scale)
         if _stage_kind(params.get("cond_stage_config")) == "clip" and parts.get("cond_stage"):
             from transformers import CLIPTextModel
 

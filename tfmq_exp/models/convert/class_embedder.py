@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tfmq_exp.errors import UserError
 from tfmq_exp.models.convert.keymap import KeyMap, shapes_of
 
 
@@ -29,7 +30,18 @@ class ClassEmbedder(nn.Module):
         """The label used for the unconditional half of guidance (the last one)."""
         return self.embedding.num_embeddings - 1
 
+    @property
+    def n_classes(self) -> int:
+        """The real classes, without the null class."""
+        return self.embedding.num_embeddings - 1
+
     def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        n = self.embedding.num_embeddings
+        if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= n):
+            raise UserError(
+                f"class id out of range: got {class_labels.min().item()}..{class_labels.max().item()}, the model "
+                f"knows 0..{n - 2} and the null class {n - 1}. Fix: pass ids in that range."
+            )
         return self.embedding(class_labels[:, None])
 
 

@@ -124,7 +124,11 @@ def attention_from_convs(m: KeyMap, target: str, source: str, q: str, k: str, v:
     m.layer(f"{target}.to_out.0", f"{source}.{out}", squeeze_1x1)
 
 
-def load_converted(module: torch.nn.Module, state: Mapping[str, Tensor]) -> torch.nn.Module:
-    """Load a converted (already checked) state dict into a module, as float32."""
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+def load_converted(module: torch.nn.Module, state: Mapping[str, Tensor], assign: bool = False) -> torch.nn.Module:
+    """Load a converted (already checked) state dict into a module, as float32.
+
+    ``assign=True`` takes the tensors themselves, for a module built on the meta device (no
+    random initialisation of weights that are overwritten anyway).
+    """
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=assign)
     return module

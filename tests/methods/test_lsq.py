@@ -14,7 +14,7 @@ from torch import nn
 from tfmq_exp.diffusion.calib_data import CalibRecord
 from tfmq_exp.methods import pipeline
 from tfmq_exp.models.adapters import Unit
-from tfmq_exp.quant.recipe import QuantRecipe, QuantRule
+from tfmq_exp.quant.recipe import QuantizerSpec, QuantRecipe, QuantRule
 from tfmq_exp.quant.swap import activation_quantizers, init_weight_ranges, swap_modules
 from tfmq_exp.recon.engine import FabricRunner, ReconSettings
 
@@ -151,3 +151,21 @@ def test_skip_bits_is_the_threshold():
                        skip_bits=8)
     assert torch.equal(eight.scale, s8)
     assert not torch.equal(q.u1[0].input_quantizer.scale, s4)
+
+
+def test_per_tensor_weight_quantizers_are_not_learned():
+    """LSQ learns activation steps only: a per-tensor weight grid (quantizer.weight.per_channel=false) keeps the
+    scale AdaRound rounded against, or the hard-rounded integer codes change under it."""
+    torch.manual_seed(0)
+    fp = TwoUnits().eval()
+    q = copy.deepcopy(fp)
+    swap_modules(q, QuantRecipe(weight=QuantizerSpec(n_bits=4, per_channel=False), act=QuantizerSpec(n_bits=4)))
+    init_weight_ranges(q)
+    pool = CalibRecord(xs=torch.randn(2, 32, 2, 6, 6), ts=torch.tensor([800, 200])).pool()
+    pipeline.init_activations(q, pool, 32, seed=0, running_stat=False, batch_size=32)
+    weights = [m.weight_quantizer for m in (q.u1[0], q.u1[2], q.u2[0], q.u2[2])]
+    before = [w.scale.clone() for w in weights]
+    units = [Unit("u1", q.u1, "block"), Unit("u2", q.u2, "block")]
+    pipeline.lsq_stage(q, fp, units, pool, ReconSettings(act_iters=20, act_lr=2e-3, batch_size=16), FabricRunner(), 0)
+    assert all(torch.equal(w.scale, b) for w, b in zip(weights, before)), [(float(b), float(w.scale))
+                                                                            for w, b in zip(weights, before)]

@@ -163,3 +163,43 @@ def test_ldm_schedule_is_linear_in_sqrt_beta():
     expected = torch.linspace(0.0015**0.5, 0.0195**0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(sched.betas.double(), expected, atol=1e-9, rtol=1e-6)
 
+
+
+def _pickle_with_fake_module(tmp_path, module_name: str, obj_fn):
+    """Save a checkpoint that names a class of ``module_name`` (a module that exists only while saving)."""
+    import sys
+    import types
+
+    parts = module_name.split(".")
+    made = []
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name not in sys.modules:
+            sys.modules[name] = types.ModuleType(name)
+            made.append(name)
+    cls = type("ModelCheckpoint", (), {"__module__": module_name})
+    sys.modules[module_name].ModelCheckpoint = cls
+    try:
+        path = tmp_path / "model.ckpt"
+        torch.save(obj_fn(cls), path)
+    finally:
+        for name in made:
+            del sys.modules[name]
+    return path
+
+
+def test_lightning_bookkeeping_classes_are_read_as_inert_stubs(tmp_path):
+    """Old Lightning keys callback states by the callback class: safe loading must still read the weights."""
+    state, params, unet_io, vq_io = _tiny_ldm_checkpoint()
+    path = _pickle_with_fake_module(tmp_path, "pytorch_lightning.callbacks.model_checkpoint", lambda cls: {
+        "state_dict": state, "callbacks": {cls: {"best_model_score": torch.tensor(0.5)}}, "cls": cls()})
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)  # what plain safe loading says
+    _check_outputs(load_model(_cfg(params, pretrained=str(path))), unet_io, vq_io)
+
+
+def test_other_pickled_objects_are_still_refused(tmp_path):
+    state, params, _, _ = _tiny_ldm_checkpoint()
+    path = _pickle_with_fake_module(tmp_path, "evil_pkg.payload", lambda cls: {"state_dict": state, "x": cls()})
+    with pytest.raises(UserError, match=r"pickles objects other than tensors \(evil_pkg\.payload\.ModelCheckpoint\)"):
+        read_checkpoint(path)

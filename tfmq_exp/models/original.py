@@ -18,6 +18,7 @@ text encoder); see docs/models.md.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,50 @@ class OriginalModel(LoadedModel):
 
 # ---------------------------------------------------------------- reading checkpoints
 
+# Training bookkeeping that Lightning pickles into its checkpoints (older versions key the callback
+# states by the callback class, e.g. ModelCheckpoint); never needed for the weights.
+BOOKKEEPING = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+
+
+class _Bookkeeping:
+    """Inert stand-in for a Lightning class named in a checkpoint: accepts any state and does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: torch.load reports what it refuses
+        return []
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, with Lightning's bookkeeping classes read as inert stubs."""
+    names = _unsafe_globals(path)
+    stubs = [(_Bookkeeping, n) for n in names if n.startswith(BOOKKEEPING)]
+    try:
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        other = [n for n in names if not n.startswith(BOOKKEEPING)]
+        if not other:
+            raise
+        raise UserError(
+            f"cannot read checkpoint {path}: it pickles objects other than tensors ({', '.join(other[:3])}), "
+            "which safe loading refuses. Fix: save its state_dict as .safetensors (docs/models.md)."
+        ) from None
+
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A flat ``{key: tensor}`` from an original checkpoint file.
 
-    Lightning checkpoints keep the weights under ``state_dict``; ddim's training checkpoints are a
+    Lightning checkpoints keep the weights under ``state_dict`` (the training bookkeeping they also
+    pickle is read as inert stubs, see :func:`_torch_load`); ddim's training checkpoints are a
     list whose last entry is the EMA shadow (keys without ``module.``); ``module.`` prefixes of
     DataParallel are removed.
     """
@@ -82,7 +122,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path))
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(

@@ -1,8 +1,9 @@
 """OpenVINO: convert a deploy UNet, save it as IR, compile it, report executed precisions, run it.
 
 The int8 claim is read from the compiled model itself: ``get_runtime_model()`` lists every executed
-node with its ``layerType`` and ``runtimePrecision``; a convolution or fully connected layer that
-runs on integer inputs reports ``u8``/``i8``.
+node with its ``layerType``, ``runtimePrecision`` and input element types. A layer counts as integer
+when it reports ``u8``/``i8`` and its activation input is ``u8``/``i8`` (a fully connected layer
+with int8 weights decompressed on the fly also reports ``i8``, over a float input).
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def compile_model(model: Any, precision: str = "f32", threads: int = 0, batch: i
                 dims = [batch] + [d.get_length() for d in list(ps)[1:]]
                 shapes[inp] = ov.PartialShape(dims)
         model.reshape(shapes)
-    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+    # no dynamic quantization: integer layers must come from the checkpoint's own ranges, never from
+    # activation scales the runtime picks by itself
+    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
     return core.compile_model(model, "CPU", cfg)
@@ -105,6 +108,10 @@ def precision_report(compiled: Any) -> dict[str, Any]:
         if kind not in COMPUTE_LAYERS:
             continue
         prec = info["runtimePrecision"].astype(str).lower()
+        # integer compute needs integer activations too: a layer with int8 weights decompressed on the fly
+        # also reports i8, with a float input
+        if str(op.input(0).get_element_type()) not in ("<Type: 'uint8_t'>", "<Type: 'int8_t'>"):
+            prec = f"{prec} (float input)" if prec in INT_PRECISIONS else prec
         counts.setdefault(kind, {}).setdefault(prec, 0)
         counts[kind][prec] += 1
         if prec not in INT_PRECISIONS:

@@ -62,6 +62,8 @@ def size_report(unet: nn.Module) -> dict[str, Any]:
     fp32 = 4 * n_params
     return {
         "params": n_params,
+        "fp32_bytes": fp32,
+        "packed_bytes": int(packed),
         "fp32_mb": round(fp32 / MB, 4),
         "fp16_mb": round(fp32 / 2 / MB, 4),
         "packed_mb": round(packed / MB, 4),

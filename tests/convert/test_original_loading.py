@@ -203,3 +203,32 @@ def test_other_pickled_objects_are_still_refused(tmp_path):
     path = _pickle_with_fake_module(tmp_path, "evil_pkg.payload", lambda cls: {"state_dict": state, "x": cls()})
     with pytest.raises(UserError, match=r"pickles objects other than tensors \(evil_pkg\.payload\.ModelCheckpoint\)"):
         read_checkpoint(path)
+
+
+def test_an_sd_like_diffusers_folder_brings_vae_scale_and_text_encoder(tmp_path):
+    from tfmq_exp.models.convert import clip_text, first_stage
+
+    state, params, unet_io, _ = _tiny_ldm_checkpoint()
+    torch.save({"state_dict": state}, tmp_path / "model.ckpt")
+    unet = load_model(_cfg(params, pretrained=str(tmp_path / "model.ckpt"))).unet
+    _, _, kl_meta = tiny("kl_f8_A")
+    kl_params = original_config(kl_meta)
+    vae = first_stage.build(kl_params, "kl", scale_factor=0.18215)
+    folder = tmp_path / "sd"
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text = clip_text.build({"vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                            "num_attention_heads": 4, "max_position_embeddings": 8})
+    text.save_pretrained(folder / "text_encoder")
+    sd_params = {**params, "scale_factor": 0.18215,
+                 "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": kl_params},
+                 "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}}
+    cfg = _cfg(sd_params, pretrained=str(folder))
+    cfg.original.diffusers_parts = {"unet": "unet", "first_stage": "vae", "cond_stage": "text_encoder"}
+    model = load_model(cfg)
+    assert type(model.vae).__name__ == "AutoencoderKL" and model.scaling_factor == 0.18215
+    assert type(model.text_encoder).__name__ == "CLIPTextModel" and model.class_embedder is None
+    with torch.no_grad():
+        context = model.text_encoder(torch.tensor([[0, 5, 7, 2]])).last_hidden_state.expand(2, -1, -1)
+        out = model.unet(unet_io["x"], unet_io["timesteps"], encoder_hidden_states=context).sample
+    assert out.shape == unet_io["out"].shape and torch.isfinite(out).all()

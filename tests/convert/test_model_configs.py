@@ -6,6 +6,7 @@ import pytest
 import torch
 from original_fixtures import fullsize
 
+from tfmq_exp.config import validate_config
 from tfmq_exp.models.loader import load_model
 from tfmq_exp.models.original import OriginalModel
 
@@ -24,7 +25,9 @@ MODELS = {
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_option_matches_the_original_config_and_builds(make_cfg, name):
     unet_listing, fs_listing, unet_cls, (channels, size), scale = MODELS[name]
-    cfg = make_cfg(f"model={name}").model
+    full = make_cfg(f"model={name}")
+    validate_config(full)  # the app's range and path checks
+    cfg = full.model
     assert cfg.source == "original" and cfg.unet_class == unet_cls
     assert (cfg.channels, cfg.image_size) == (channels, size)
     params = cfg.original.params

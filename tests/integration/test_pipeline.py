@@ -105,5 +105,6 @@ def test_tfmq_checkpoint_reload_and_unseen_step_count(make_cfg, tmp_path):
     assert np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], quant_imgs)
     from tfmq_exp.errors import UserError
 
-    with pytest.raises(UserError, match="calibrated for a 10-step"):
+    msg = r"sampler\.steps is 20 here, 10 in the checkpoint\. Fix: use sampler\.steps=10 "
+    with pytest.raises(UserError, match=msg):
         _run(make_cfg, "task=sample", f"ckpt={moved}", "sampler.steps=20")

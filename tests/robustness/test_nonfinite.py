@@ -14,12 +14,13 @@ from tfmq_exp.tasks.common import checked_model_fn
 SMOKE = ("debug=smoke", "evaluator=none")
 
 
-def test_nan_weights_file_stops_before_calibration(make_cfg, nan_weights, cache_dir):
+def test_nan_weights_file_stops_before_calibration(make_cfg, nan_weights, tmp_path):
     msg = (rf"^weights file {nan_weights}: tensor 'down_blocks\.1\.resnets\.0\.conv1\.weight' is not finite: "
            r"3 NaN and 1 Inf of 18432 values\. Fix: restore the weights file")
+    cache = tmp_path / "own_cache"
     with pytest.raises(NonFiniteError, match=msg):
-        run(make_cfg(*SMOKE, "quantizer=rtn", f"model.weights={nan_weights}"))
-    assert not (cache_dir / "calib").exists()
+        run(make_cfg(*SMOKE, "quantizer=rtn", f"model.weights={nan_weights}", f"paths.cache_dir={cache}"))
+    assert not (cache / "calib").exists()
 
 
 def test_nan_weights_file_on_the_command_line(tmp_path, nan_weights):
@@ -30,15 +31,16 @@ def test_nan_weights_file_on_the_command_line(tmp_path, nan_weights):
     assert (tmp_path / "run" / "INCOMPLETE").is_file() and not (tmp_path / "run" / "results.json").exists()
 
 
-def test_model_with_overflowing_output_stops_at_the_calibration_record(make_cfg, tmp_path, cache_dir):
+def test_model_with_overflowing_output_stops_at_the_calibration_record(make_cfg, tmp_path):
     def blow_up(state):  # finite weights whose output overflows float32 to inf
         state["conv_out.weight"] *= 1e38
 
     weights = write_weights(tmp_path / "huge.safetensors", blow_up)
     with pytest.raises(NonFiniteError, match=r"^calibration record \(the FP model's sampling trajectories\) is "
                                              r"not finite: \d+ NaN and \d+ Inf of \d+ values\. Fix:"):
-        run(make_cfg(*SMOKE, "quantizer=rtn", f"model.weights={weights}", "sampler.clip_x0=false"))
-    calib = cache_dir / "calib"
+        run(make_cfg(*SMOKE, "quantizer=rtn", f"model.weights={weights}", "sampler.clip_x0=false",
+                     f"paths.cache_dir={tmp_path}/own_cache"))
+    calib = tmp_path / "own_cache" / "calib"
     assert not (calib.exists() and list(calib.glob("*.safetensors"))), "a poisoned record was cached"
     assert not (tmp_path / "results.json").exists() and (tmp_path / "INCOMPLETE").is_file()
 

@@ -16,6 +16,13 @@ def _nothing_computed(cache_dir):
     assert not (cache_dir / "calib").exists(), "the calibration record was started before the check"
 
 
+@pytest.fixture
+def fresh(tmp_path):
+    """A cache of this test's own (the shared one is filled by other tests) and the override naming it."""
+    cache = tmp_path / "own_cache"
+    return cache, f"paths.cache_dir={cache}"
+
+
 def test_unwritable_cache_folder(make_cfg, tmp_path, cache_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -24,22 +31,25 @@ def test_unwritable_cache_folder(make_cfg, tmp_path, cache_dir):
         run(make_cfg(*SMOKE, f"paths.cache_dir={blocker}/cache"))
 
 
-def test_missing_reference_set_fails_before_calibration(make_cfg, tmp_path, cache_dir):
+def test_missing_reference_set_fails_before_calibration(make_cfg, tmp_path, fresh):
+    cache_dir, own = fresh
     with pytest.raises(UserError, match=r"^dataset\.path=.*/no_such_folder: no such file or folder\. Fix: point"):
-        run(make_cfg("debug=smoke", "quantizer=rtn", "dataset=cifar10", f"dataset.path={tmp_path}/no_such_folder"))
+        run(make_cfg("debug=smoke", "quantizer=rtn", "dataset=cifar10", f"dataset.path={tmp_path}/no_such_folder",
+                     own))
     with pytest.raises(UserError, match=r"^no reference set for FID: dataset\.path and evaluator\.reference are "
                                         r"null\. Fix: set dataset\.path"):
-        run(make_cfg("debug=smoke", "quantizer=rtn", "dataset=cifar10"))
+        run(make_cfg("debug=smoke", "quantizer=rtn", "dataset=cifar10", own))
     _nothing_computed(cache_dir)
 
 
-def test_missing_inception_weights_and_prompts_and_checkpoint(make_cfg, tmp_path, cache_dir):
+def test_missing_inception_weights_and_prompts_and_checkpoint(make_cfg, tmp_path, fresh):
+    cache_dir, own = fresh
     with pytest.raises(UserError, match=r"^evaluator\.inception_weights=.*/w\.pth: no such file\. Fix: point it at"):
-        run(make_cfg("debug=smoke", "quantizer=rtn", f"evaluator.inception_weights={tmp_path}/w.pth"))
+        run(make_cfg("debug=smoke", "quantizer=rtn", f"evaluator.inception_weights={tmp_path}/w.pth", own))
     with pytest.raises(UserError, match=r"^dataset\.prompts=.*/p\.txt: no such file\."):
-        run(make_cfg(*SMOKE, f"dataset.prompts={tmp_path}/p.txt"))
+        run(make_cfg(*SMOKE, f"dataset.prompts={tmp_path}/p.txt", own))
     with pytest.raises(UserError, match=r"^ckpt=.*/q\.safetensors: no such file\. Fix: pass a quantized\.safetensors"):
-        run(make_cfg("debug=smoke", "evaluator=none", "task=sample", f"ckpt={tmp_path}/q.safetensors"))
+        run(make_cfg("debug=smoke", "evaluator=none", "task=sample", f"ckpt={tmp_path}/q.safetensors", own))
     _nothing_computed(cache_dir)
 
 

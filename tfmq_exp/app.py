@@ -27,11 +27,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     The run folder holds an INCOMPLETE marker from the first checks until the task has written
     everything, so a folder whose run failed or was interrupted never looks finished.
     """
-    from tfmq_exp.results import mark_complete, mark_incomplete
+    from tfmq_exp.results import INCOMPLETE, mark_complete, mark_incomplete
     from tfmq_exp.tasks.common import preflight
 
+    try:
+        mark_incomplete(Path(cfg.paths.output_dir), str(cfg.task))
+    except OSError:
+        pass  # an unwritable output folder: preflight names it in one line
     out = preflight(cfg)
-    mark_incomplete(out, str(cfg.task))
+    if not (out / INCOMPLETE).exists():  # the folder did not exist before preflight made it
+        mark_incomplete(out, str(cfg.task))
     results = _run_task(cfg, out)
     if results.get("rank", 0) == 0:
         mark_complete(out)

@@ -71,3 +71,4 @@ def test_unwritable_run_and_cache_folders_on_the_command_line(tmp_path):
     line = one_line_error(proc)
     assert line.startswith(f"error: paths.cache_dir={blocker}/cache is not a writable folder")
     assert line in (tmp_path / "run" / "app.log").read_text()
+    assert f"stopped: {line.removeprefix('error: ')}" in (tmp_path / "run" / "INCOMPLETE").read_text()

@@ -1,10 +1,13 @@
-"""Item 1: NaN/Inf stops the run where it first appears, in one line; nothing poisoned is cached or scored."""
+"""Item 1: NaN/Inf stops the run where it first appears, in one line; nothing poisoned is cached or scored.
+
+(The same NaN weights file on the command line, exit 2 and one line: test_multirun.py.)
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from robust_cli import cli, one_line_error, write_weights
+from robust_cli import write_weights
 
 from tfmq_exp.app import run
 from tfmq_exp.checks import NonFiniteError
@@ -21,14 +24,6 @@ def test_nan_weights_file_stops_before_calibration(make_cfg, nan_weights, tmp_pa
     with pytest.raises(NonFiniteError, match=msg):
         run(make_cfg(*SMOKE, "quantizer=rtn", f"model.weights={nan_weights}", f"paths.cache_dir={cache}"))
     assert not (cache / "calib").exists()
-
-
-def test_nan_weights_file_on_the_command_line(tmp_path, nan_weights):
-    proc = cli(*SMOKE, f"model.weights={nan_weights}", cache=tmp_path / "c", run_dir=tmp_path / "run")
-    line = one_line_error(proc)
-    assert "tensor 'down_blocks.1.resnets.0.conv1.weight' is not finite: 3 NaN and 1 Inf" in line
-    assert not (tmp_path / "c" / "calib").exists()
-    assert (tmp_path / "run" / "INCOMPLETE").is_file() and not (tmp_path / "run" / "results.json").exists()
 
 
 def test_model_with_overflowing_output_stops_at_the_calibration_record(make_cfg, tmp_path):

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = [
     ("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("fp_psnr", "PSNR vs FP (dB)"), ("fp_mse", "MSE vs FP"),
 ]
-TIMES = [("calib_data_s", "calib data (s)"), ("weight_stage_s", "weight stage (s)"), ("act_stage_s", "act stage (s)")]
+TIMES = [("calib_data_s", "calib data (s)"), ("weight_stage_s", "weight stage (s)"), ("act_stage_s", "act stage (s)"),
+         ("quantization_s", "quantization (s)")]
 
 
 def run_one(method: str, bits: str, out: Path, extra: list[str]) -> dict:
@@ -51,6 +52,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratios(rows: list[dict]) -> str:
+    """TFMQ-DM's quantization time over Q-Diffusion's, per bit setting (the paper's speed claim)."""
+    t = {(r["quantizer"], r["bits"]): r["timings"].get("quantization_s") for r in rows}
+    lines = [f"- {b}: TFMQ-DM / Q-Diffusion quantization time = {t[('tfmq', b)] / t[('qdiff', b)]:.2f}"
+             for b in sorted({r["bits"] for r in rows})
+             if t.get(("tfmq", b)) and t.get(("qdiff", b))]
+    return ("\n\n" + "\n".join(lines)) if lines else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["rtn", "brecq", "qdiff", "tfmq"])
@@ -64,7 +74,7 @@ def main() -> None:
     for bits in args.bits:
         for method in args.methods:
             rows.append(run_one(method, bits, args.out / f"{method}_{bits}", args.extra))
-    md = table(rows)
+    md = table(rows) + ratios(rows)
     extra = " ".join(args.extra) or "(defaults)"
     text = f"Overrides: {extra}\n\n{md}\n"
     (args.out / "table.md").write_text(text)

@@ -1,7 +1,7 @@
 """Reference data of the original CompVis / ermongroup code (see the folder's README).
 
-The fixtures live outside the repository, in ``../shared/fixtures/original`` beside the checkout
-(override with ``TFMQ_ORIGINAL_FIXTURES``). A missing folder fails the tests, it does not skip them.
+The fixtures are committed in ``tests/fixtures/original`` (tensors and key listings only; see its README);
+``TFMQ_ORIGINAL_FIXTURES`` points elsewhere. A missing file fails the tests, it does not skip them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get("TFMQ_ORIGINAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "original"))
+FIXTURES = Path(os.environ.get("TFMQ_ORIGINAL_FIXTURES", REPO / "tests" / "fixtures" / "original"))
 
 
 def fixture_path(name: str) -> Path:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,54 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tfmq_exp.checks import require_finite
-from tfmq_exp.diffusion.sampling import ModelFn, Sampler
+from tfmq_exp.diffusion.calib_pool import Batch, CalibPool, CalibRecord, call_model
+from tfmq_exp.diffusion.sampling import Conditioning, ModelFn, Sampler
+
+__all__ = ["Batch", "CalibPool", "CalibRecord", "call_model", "collect", "collect_official", "load_or_collect"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CalibRecord:
-    """xs: (S, N, C, H, W) model inputs at each of the S steps; ts: (S,) their time steps."""
-
-    xs: torch.Tensor
-    ts: torch.Tensor
-    stats: dict[str, Any] = field(default_factory=dict)  # mode, model_calls, wall_s of making it
-
-    @property
-    def num_steps(self) -> int:
-        return self.xs.shape[0]
-
-    def pool(self, step_every: int = 1, per_step: int | None = None, steps: list[int] | None = None) -> CalibPool:
-        """Keep the steps ``steps`` (default: every ``step_every``-th from 0) and ``per_step`` samples of each."""
-        chosen = list(steps) if steps is not None else list(range(0, self.num_steps, max(1, step_every)))
-        n = self.xs.shape[1] if per_step is None else min(per_step, self.xs.shape[1])
-        x = self.xs[chosen, :n].reshape(-1, *self.xs.shape[2:])
-        step = torch.tensor(chosen).repeat_interleave(n)
-        return CalibPool(x=x, t=self.ts[step], step=step)
-
-
-@dataclass
-class CalibPool:
-    """A flat set of model inputs: x (M, C, H, W), t (M,), and the sampling-step index of each."""
-
-    x: torch.Tensor
-    t: torch.Tensor
-    step: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def subset(self, idx: torch.Tensor) -> CalibPool:
-        return CalibPool(self.x[idx], self.t[idx], self.step[idx])
-
-    def shuffled(self, n: int | None, seed: int) -> CalibPool:
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(self), generator=g)
-        return self.subset(perm[: n if n is not None else len(self)])
-
-    def batches(self, batch_size: int):  # noqa: ANN201
-        for i in range(0, len(self), batch_size):
-            yield self.x[i : i + batch_size], self.t[i : i + batch_size], self.step[i : i + batch_size]
 
 
 def record_key(parts: dict[str, Any]) -> str:
@@ -103,8 +60,18 @@ def file_digest(path: str | Path) -> str:
 MODES = ("one_pass", "official")
 
 
+def _conditioned(rec: CalibRecord, cond: Conditioning | None) -> CalibRecord:
+    """Attach the trajectories' contexts (and the null context last) to a record of a conditional model."""
+    if cond is not None:
+        null = cond.null if cond.null is not None else torch.zeros_like(cond.context[:1])
+        rec.contexts = torch.cat([cond.context[: rec.xs.shape[1]], null]).cpu()
+        rec.guided = cond.guided
+    return rec
+
+
 def collect(
-    model_fn: ModelFn, sampler: Sampler, n: int, image_shape: tuple[int, ...], seed: int, batch_size: int
+    model_fn: ModelFn, sampler: Sampler, n: int, image_shape: tuple[int, ...], seed: int, batch_size: int,
+    cond: Conditioning | None = None,
 ) -> CalibRecord:
     """Run ``n`` FP trajectories and keep every step's input (``n * S`` model calls)."""
     xs = torch.empty(sampler.num_steps, n, *image_shape)
@@ -117,13 +84,14 @@ def collect(
 
     t0 = time.perf_counter()
     sampler.sample(model_fn, n, image_shape, seed, batch_size, record=record, desc="calib trajectories",
-                   purpose="calib")
+                   purpose="calib", cond=cond)
     stats = {"mode": "one_pass", "model_calls": n * sampler.num_steps, "wall_s": time.perf_counter() - t0}
-    return CalibRecord(xs=xs, ts=torch.tensor(sampler.timesteps, dtype=torch.long), stats=stats)
+    return _conditioned(CalibRecord(xs=xs, ts=torch.tensor(sampler.timesteps, dtype=torch.long), stats=stats), cond)
 
 
 def collect_official(
-    model_fn: ModelFn, sampler: Sampler, n: int, image_shape: tuple[int, ...], seed: int, batch_size: int
+    model_fn: ModelFn, sampler: Sampler, n: int, image_shape: tuple[int, ...], seed: int, batch_size: int,
+    cond: Conditioning | None = None,
 ) -> CalibRecord:
     """TFMQ's generator: for each step k, ``n`` fresh trajectories stopped before their k-th model call.
 
@@ -138,13 +106,13 @@ def collect_official(
         for b0 in range(0, n, batch_size):
             idx = range(b0, min(b0 + batch_size, n))
             x = sampler.sample_batch(model_fn, image_shape, seed, idx, purpose="calib", stop_before=k,
-                                     stream_step=k)
+                                     stream_step=k, cond=cond)
             xs[k, b0 : b0 + len(idx)] = x.cpu()
             calls += k * len(idx)
             bar.update(len(idx))
     bar.close()
     stats = {"mode": "official", "model_calls": calls, "wall_s": time.perf_counter() - t0}
-    return CalibRecord(xs=xs, ts=torch.tensor(sampler.timesteps, dtype=torch.long), stats=stats)
+    return _conditioned(CalibRecord(xs=xs, ts=torch.tensor(sampler.timesteps, dtype=torch.long), stats=stats), cond)
 
 
 def load_or_collect(
@@ -157,6 +125,7 @@ def load_or_collect(
     seed: int,
     batch_size: int,
     mode: str = "one_pass",
+    cond: Conditioning | None = None,
 ) -> tuple[CalibRecord, bool]:
     """The cached record for ``key_parts`` if present, else collect it and cache it. Returns (record, hit).
 
@@ -174,21 +143,27 @@ def load_or_collect(
 
             d = load_file(str(path))
             with safe_open(str(path), framework="pt") as f:
-                stats = json.loads((f.metadata() or {}).get("stats", "{}"))
+                md = f.metadata() or {}
             require_finite(d["xs"], f"cached calibration record {path}")
             log.info("calibration record: cache hit %s", path)
-            return CalibRecord(xs=d["xs"], ts=d["ts"], stats=stats), True
+            rec = CalibRecord(xs=d["xs"], ts=d["ts"], stats=json.loads(md.get("stats", "{}")),
+                              contexts=d.get("contexts"), guided=md.get("guided") == "true")
+            return rec, True
         except Exception as err:  # a damaged cache entry is rebuilt, never trusted
             log.warning("ignoring unreadable calibration cache %s (%s)", path, err)
     collector = collect_official if mode == "official" else collect
-    rec = collector(model_fn, sampler, n, image_shape, seed, batch_size)
+    rec = collector(model_fn, sampler, n, image_shape, seed, batch_size, cond)
     require_finite(rec.xs, "calibration record (the FP model's sampling trajectories)",
                    "the FP model produces non-finite outputs: check its weights and the sampler settings")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{time.time_ns()}.tmp")
-        meta = {"key": json.dumps(key_parts, default=str), "stats": json.dumps(rec.stats)}
-        save_file({"xs": rec.xs.contiguous(), "ts": rec.ts}, str(tmp), metadata=meta)
+        meta = {"key": json.dumps(key_parts, default=str), "stats": json.dumps(rec.stats),
+                "guided": "true" if rec.guided else "false"}
+        tensors = {"xs": rec.xs.contiguous(), "ts": rec.ts}
+        if rec.contexts is not None:
+            tensors["contexts"] = rec.contexts.contiguous()
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
         log.info("calibration record: cached %s", path)
     return rec, False

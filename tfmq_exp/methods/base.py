@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tfmq_exp.diffusion.calib_data import CalibRecord
+from tfmq_exp.diffusion.calib_pool import CalibRecord, call_model
 from tfmq_exp.errors import UserError
 from tfmq_exp.quant.recipe import QuantizerSpec, QuantRecipe, QuantRule
 
@@ -84,5 +84,5 @@ def get_method(name: str) -> Callable[[MethodContext], MethodResult]:
 def forward_pool(model: nn.Module, pool: Any, batch_size: int) -> None:
     """Run the model over a calibration pool (no grad), batch by batch."""
     with torch.no_grad():
-        for x, t, _ in pool.batches(batch_size):
-            model(x, t)
+        for batch in pool.batches(batch_size):
+            call_model(model, batch)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tfmq_exp.checks import require_finite
-from tfmq_exp.diffusion.calib_data import CalibPool
+from tfmq_exp.diffusion.calib_pool import Batch, CalibPool, call_model
 from tfmq_exp.quant.modules import QuantMixin, quant_modules
 from tfmq_exp.quant.quantizer import UniformQuantizer
 from tfmq_exp.quant.steps import step_context
@@ -44,6 +44,16 @@ def all_act_quantizers(model: nn.Module) -> list[UniformQuantizer]:
     return list(activation_quantizers(model)) + list(attention_quantizers(model).values())
 
 
+def unit_act_quantizers(module: nn.Module) -> list[UniformQuantizer]:
+    """The activation quantizers inside a unit, by role: layer inputs (split halves included) and
+    attention matmul operands. Weight quantizers are never among them, per-tensor or not."""
+    from tfmq_exp.models.attention import QuantAttnProcessor
+
+    layers = [m for m in module.modules() if isinstance(m, QuantMixin)]
+    acts = [q for m in layers if m.allow_input_quant for q in m.input_quantizers()]
+    return acts + [q for m in module.modules() if isinstance(m, QuantAttnProcessor) for q in m.quantizers()]
+
+
 def settings_from(recon: Any) -> ReconSettings:
     return ReconSettings(
         iters=int(recon.iters), batch_size=int(recon.batch_size), lr=float(recon.weight_lr),
@@ -63,11 +73,11 @@ def _storage(runner: FabricRunner, cache_on: str) -> torch.device | str:
 
 
 def _on(pool: CalibPool, device: torch.device) -> CalibPool:
-    return CalibPool(pool.x.to(device), pool.t.to(device), pool.step)
+    return pool.to(device)
 
 
-def _run(model: nn.Module, batch: tuple) -> Any:
-    return model(batch[0], batch[1])
+def _run(model: nn.Module, batch: Batch) -> Any:
+    return call_model(model, batch)
 
 
 def _call(unit: nn.Module, args: list, kwargs: dict) -> torch.Tensor:
@@ -139,8 +149,7 @@ def lsq_stage(
     dev = runner.device
     reports = []
     for i, unit in enumerate(units):
-        qs = [m for m in unit.module.modules() if isinstance(m, UniformQuantizer) and not m.per_channel
-              and m.enabled and m.initialized and m.n_bits < skip_bits]
+        qs = [q for q in unit_act_quantizers(unit.module) if q.enabled and q.initialized and q.n_bits < skip_bits]
         if not qs:
             continue
         fp_unit = fp_modules[unit.name]
@@ -200,13 +209,13 @@ def init_activations(
         q.observing, q.running_stat = True, False
     dev = next(qmodel.parameters()).device
     first = pool.shuffled(n_init, seed) if order == "random" else pool.subset(torch.arange(min(n_init, len(pool))))
-    qmodel(first.x.to(dev), first.t.to(dev))
+    call_model(qmodel, first.to(dev).all())
     if running_stat:
         for q in qs:
             q.running_stat = True
         stream = pool.shuffled(None, seed + 1) if stat_order == "shuffled" else pool
-        for x, t, _ in stream.batches(batch_size):
-            qmodel(x.to(dev), t.to(dev))
+        for b in stream.to(dev).batches(batch_size):
+            call_model(qmodel, b)
     for q in qs:
         q.observing = q.running_stat = False
 
@@ -240,11 +249,11 @@ def fsc_stage(
             q.observing, q.running_stat = True, False
         first = pool.shuffled(init_samples, seed * 7919 + s)
         with step_context(s):
-            qmodel(first.x.to(dev), first.t.to(dev))
+            call_model(qmodel, first.to(dev).all())
             for q in quantizers:
                 q.running_stat = True
-            for x, t, _ in pool.shuffled(None, seed * 7919 + s + 1).batches(batch_size):
-                qmodel(x.to(dev), t.to(dev))
+            for b in pool.shuffled(None, seed * 7919 + s + 1).to(dev).batches(batch_size):
+                call_model(qmodel, b)
         for j, q in enumerate(quantizers):
             scales[j].append(q.scale.detach().clone())
             zps[j].append(q.zero_point.detach().clone())

@@ -47,6 +47,10 @@ class ModelConfig:
     # original yaml params with the file names and download places (tfmq_exp/models/original.py)
     models_dir: str | None = None
     original: dict[str, Any] = field(default_factory=dict)
+    # embedded latent models trained by the project (model=mnist_ldm, tfmq_exp/models/mnist_ldm.py): the
+    # autoencoder's arch and recipe, and the class embedder (classes, null class, width, label dropout)
+    first_stage: dict[str, Any] = field(default_factory=dict)
+    class_embedder: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

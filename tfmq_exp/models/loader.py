@@ -78,6 +78,10 @@ def load_model(cfg: Any, *, weights: bool = True) -> LoadedModel:
     """Load the model described by the ``model`` config group (see conf/model/)."""
     source = cfg.source
     sched = dict(cfg.scheduler) if cfg.get("scheduler") else {}
+    if source == "embedded" and cfg.get("first_stage"):  # latent model (model=mnist_ldm): UNet, VAE, embedder
+        from tfmq_exp.models.mnist_ldm import loaded_model
+
+        return loaded_model(cfg, weights=weights)
     if source == "embedded":
         unet = build_unet(dict(cfg.arch))
         if weights:

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def run_train(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    if cfg.model.get("first_stage"):  # latent model: autoencoder, then the conditional UNet
+        from tfmq_exp.models.train_ldm import run_train_ldm
+
+        return run_train_ldm(cfg, out)
     if cfg.model.source != "embedded" or not cfg.model.get("train"):
         raise UserError(f"model '{cfg.model.name}' has no training recipe. Fix: use task=train model=mnist.")
     if cfg.model.name != "mnist":

@@ -21,9 +21,10 @@ def tiny_unet(seed: int = 0) -> UNet2DModel:
     return unet.eval().requires_grad_(False)
 
 
-def quantize_rtn(unet: torch.nn.Module, w_bits: int, a_bits: int = 8, shape=(3, 8, 8), tables: bool = False):
+def quantize_rtn(unet: torch.nn.Module, w_bits: int, a_bits: int = 8, shape=(3, 8, 8), tables: str | bool = False):
     """Round-to-nearest PTQ on random calibration inputs; ``tables`` adds per-step activation tables
-    whose scales and zero points differ per step (what FSC produces), derived from the one range."""
+    derived from the one range: scales and zero points that differ per step (what FSC produces), or
+    with ``tables="scale"`` scales that differ and one zero point."""
     recipe = QuantRecipe(weight=QuantizerSpec(n_bits=w_bits, per_channel=True), act=QuantizerSpec(n_bits=a_bits))
     gen = torch.Generator().manual_seed(1)
 
@@ -39,5 +40,7 @@ def quantize_rtn(unet: torch.nn.Module, w_bits: int, a_bits: int = 8, shape=(3, 
                 scale = q.scale.reshape(()) * (0.8 + 0.15 * i)
                 lo = -q.scale.reshape(()) * q.zero_point.reshape(())  # the range's low end
                 zp = torch.clamp(torch.round(-lo / scale) + i - 1, 0, 2**q.n_bits - 1)
+                if tables == "scale":
+                    zp = q.zero_point.reshape(()).expand(N_STEPS).clone()
                 q.set_step_tables(scale, zp)
     return unet

@@ -17,10 +17,11 @@ from tfmq_exp.quant.steps import step_context
 
 SHAPE = (3, 8, 8)
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
-# Tolerances: the runtime multiplies by 1/scale where the fake-quant model divides, so a value within
-# an ulp of a rounding boundary can land on the next code; one flipped code moves a layer output by
-# one scale step. Measured: relative L2 about 1e-3 on these models.
-REL_L2 = 0.02
+# Tolerances: torch.fake_quantize_* and the runtime compute round(x * (1/s) + z) where the fake-quant
+# model computes round(x / s) + z, so a value within an ulp of a rounding boundary can land on the
+# next code, and the random tiny UNet amplifies a flipped code. Measured: relative L2 up to 0.025
+# (one step of one table), usually below 1e-3; the embedded model's UNet outputs agree to 0.2-0.6%.
+REL_L2 = 0.05
 
 
 def quantized_names(unet: torch.nn.Module) -> set[str]:
@@ -43,7 +44,9 @@ def run_compiled(cm, x, t, step):
 
 
 @pytest.mark.parametrize("mode", ["runtime", "per_step"])
-def test_deploy_graph_in_torch_matches_fake_quant(w8a8_tables, mode):
+@pytest.mark.parametrize("tables", ["w8a8_tables", "w8a8_scale_tables"])
+def test_deploy_graph_in_torch_matches_fake_quant(tables, mode, request):
+    w8a8_tables = request.getfixturevalue(tables)
     x, t = torch.randn(2, *SHAPE), torch.full((2,), 400)
     runtime = build_deploy_model(w8a8_tables, mode) if mode == "runtime" else None
     for step in range(N_STEPS):
@@ -55,14 +58,42 @@ def test_deploy_graph_in_torch_matches_fake_quant(w8a8_tables, mode):
         assert rel_l2(got, ref) < REL_L2
 
 
-def test_runtime_tables_run_int8_and_match_every_step(w8a8_tables):
-    cm = compile_deploy(build_deploy_model(w8a8_tables, "runtime"))
+@pytest.mark.parametrize("tables", ["w8a8_tables", "w8a8_scale_tables"])
+def test_runtime_rescaling_equals_baked_constants(tables, request):
+    """Layer by layer, the one-model form (step index as input, rescaled input, explicit padding, output
+    correction) computes what that step's constants compute: equal up to float rounding, except where
+    a value sits on a rounding boundary (a code flip: under 1% of the outputs)."""
+    from tfmq_exp.export.deploy_graph import DeployLayer, step_input
+
+    q = request.getfixturevalue(tables)
+    runtime = dict(build_deploy_model(q, "runtime").unet.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for step in range(N_STEPS):
+        baked = dict(build_deploy_model(q, "per_step", step=step).unet.named_modules())
+        for name, layer in runtime.items():
+            if not isinstance(layer, DeployLayer) or not layer.parts[0].rescale:
+                continue
+            shape = (2, layer.parts[0].weight.shape[1], 6, 6) if layer.is_conv else (2, layer.parts[0].weight.shape[1])
+            x = torch.randn(shape, generator=gen) * 2
+            with torch.no_grad(), step_input(torch.tensor(step)):
+                a, b = layer(x), baked[name](x)
+            close = (a - b).abs() <= 1e-4 * (1 + b.abs())
+            assert close.float().mean() > 0.99, name
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("tables", ["w8a8_tables", "w8a8_scale_tables"])
+def test_runtime_tables_run_int8_and_match_every_step(tables, request):
+    q = request.getfixturevalue(tables)  # zero points that move per step, or one zero point (no padding ops)
+    cm = compile_deploy(build_deploy_model(q, "runtime"))
     rep = ovb.precision_report(cm)
-    assert quantized_names(w8a8_tables) <= set(rep["int8_modules"])  # every quantized layer runs on integers
+    assert quantized_names(q) <= set(rep["int8_modules"])  # every quantized layer runs on integers
     x, t = torch.randn(2, *SHAPE), torch.full((2,), 400)
     for step in range(N_STEPS):
         with torch.no_grad(), step_context(step):
-            ref = w8a8_tables(x, t).sample
+            ref = q(x, t).sample
         assert rel_l2(run_compiled(cm, x, t, step), ref) < REL_L2
 
 

@@ -110,15 +110,20 @@ class DeployLayer(nn.Module):
         pad = 0 if padded else self.padding
         return F.conv2d(x, w, None, self.stride, pad, self.dilation, self.groups)
 
+    def _bias(self) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias.reshape(1, -1, 1, 1) if self.is_conv else self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0](x, self, self._bias())
         y = None
         for (a, b), part in zip(self.bounds, self.parts):
-            xi = x if len(self.parts) == 1 else x[:, a:b]
-            yi = part(xi, self)
+            yi = part(x[:, a:b], self, None)
             y = yi if y is None else y + yi
-        if self.bias is not None:
-            y = y + (self.bias.reshape(1, -1, 1, 1) if self.is_conv else self.bias)
-        return y
+        bias = self._bias()
+        return y if bias is None else y + bias
 
 
 class _Part(nn.Module):
@@ -158,6 +163,7 @@ class _Part(nn.Module):
             s = aq.step_scale.detach().double().reshape(-1)
             z = aq.step_zero_point.detach().double().round().reshape(-1)
             self.grid_zp = int(z.median().item())  # Z: the fixed zero point of the unit grid
+            self.same_zp = bool((z == z[0]).all()) and (aq.qmin, aq.qmax) == (0, 255)
             self.register_buffer("inv_s_t", (1.0 / s).float())
             self.register_buffer("s_t", s.float())
             self.register_buffer("shift_t", (z - self.grid_zp).float())  # z - Z per step
@@ -187,12 +193,17 @@ class _Part(nn.Module):
         box = F.conv2d(c.sum(1, keepdim=True), self.box, None, layer.stride, pad, layer.dilation)
         return y + box * self.w_offset
 
-    def forward(self, x: torch.Tensor, layer: DeployLayer) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: DeployLayer, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.rescale:
             if self.a_quant:
                 x = self.act(x)
-            return self._apply(x, layer, padded=False)
+            y = self._apply(x, layer, padded=False)
+            return y if bias is None else y + bias
         step = _current_step()
+        if self.same_zp:  # one zero point for every step: only the scale moves, zero padding stays exact
+            c = torch.fake_quantize_per_tensor_affine(x * self.inv_s_t[step], 1.0, self.grid_zp, 0, 255)
+            y = self._apply(c, layer, padded=False)
+            return y * self.s_t[step] if bias is None else y * self.s_t[step] + bias
         padded = layer.is_conv and any(p > 0 for p in layer.padding)
         if padded:
             ph, pw = layer.padding
@@ -200,7 +211,8 @@ class _Part(nn.Module):
         u = x * self.inv_s_t[step] + self.shift_t[step]
         c = torch.fake_quantize_per_tensor_affine(u, 1.0, self.grid_zp, self.a_qmin, self.a_qmax)
         y = self._apply(c, layer, padded=layer.is_conv)
-        return y * self.s_t[step] - self.corr_t[step] * self.w_sum
+        shift = self.corr_t[step] * self.w_sum  # per output channel: one vector, then one add over the output
+        return y * self.s_t[step] - (shift if bias is None else shift - bias)
 
 
 class DeployUNet(nn.Module):

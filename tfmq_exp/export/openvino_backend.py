@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from tfmq_exp.errors import UserError
+from tfmq_exp.errors import UserError  # torch is imported where needed: the benchmark's runtime workers go without it
 
 COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution")
 INT_PRECISIONS = ("u8", "i8")
@@ -33,10 +32,10 @@ def require_openvino() -> Any:
     return openvino
 
 
-def example_inputs(
-    image_shape: tuple[int, ...], batch: int, cond: tuple[int, int] | None = None
-) -> dict[str, torch.Tensor]:
+def example_inputs(image_shape: tuple[int, ...], batch: int, cond: tuple[int, int] | None = None) -> dict[str, Any]:
     """Inputs of a DeployUNet by name: ``cond`` is (tokens, width) of the text encoder states."""
+    import torch
+
     ex = {
         "sample": torch.randn(batch, *image_shape),
         "timestep": torch.full((batch,), 500, dtype=torch.long),
@@ -47,10 +46,12 @@ def example_inputs(
     return ex
 
 
-def convert(deploy: torch.nn.Module, example: dict[str, torch.Tensor], dynamic_batch: bool = True) -> Any:
+def convert(deploy: Any, example: dict[str, Any], dynamic_batch: bool = True) -> Any:
     """ov.Model of a DeployUNet (traced), with a dynamic batch dimension when ``dynamic_batch``."""
     ov = require_openvino()
     import warnings
+
+    import torch
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -173,7 +174,9 @@ class OpenVINOUNet:
             self._compiled[key] = compile_model(xml, self.precision, self.threads, batch)
         return self._compiled[key]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None):
+    def __call__(self, x: Any, t: Any, encoder_hidden_states: Any = None) -> Any:
+        import torch
+
         from tfmq_exp.quant.steps import current_step
 
         step = current_step()

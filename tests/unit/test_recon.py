@@ -88,12 +88,12 @@ def test_caches_live_where_cache_on_puts_them(monkeypatch, cache_on):
     seen = []
     real_in, real_out = pipeline.capture_inputs, pipeline.capture_outputs
 
-    def cap_in(model, unit, batches, run, storage="cpu"):
+    def cap_in(model, unit, batches, run, storage="cpu", desc=None):
         out = real_in(model, unit, batches, run, storage)
         seen.append((storage, out.args[0].data.device))
         return out
 
-    def cap_out(model, unit, batches, run, storage="cpu"):
+    def cap_out(model, unit, batches, run, storage="cpu", desc=None):
         out = real_out(model, unit, batches, run, storage)
         seen.append((storage, out.device))
         return out

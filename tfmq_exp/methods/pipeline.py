@@ -116,7 +116,7 @@ def weight_stage(
     fp_modules = dict(fp_model.named_modules())
     reports = []
     dev = runner.device
-    for i, unit in enumerate(units):
+    for i, unit in enumerate(tqdm(units, desc="weight stage (units)", mininterval=2.0)):
         layers = [m for n, m in quant_modules(unit.module) if f"{unit.name}.{n}".rstrip(".") not in exclude]
         if isinstance(unit.module, QuantMixin) and unit.name not in exclude:
             layers = [unit.module]
@@ -124,8 +124,10 @@ def weight_stage(
         if not layers:
             continue
         store = _storage(runner, cache_on)
-        inputs = capture_inputs(qmodel, unit.module, _on(pool, dev).batches(cache_batch), _run, store)
-        targets = capture_outputs(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run, store)
+        inputs = capture_inputs(qmodel, unit.module, _on(pool, dev).batches(cache_batch), _run, store,
+                                desc=f"inputs of {unit.name}")
+        targets = capture_outputs(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run, store,
+                                  desc=f"targets of {unit.name}")
 
         def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
             args, kwargs = inputs.select(idx, dev)
@@ -148,7 +150,7 @@ def lsq_stage(
     fp_modules = dict(fp_model.named_modules())
     dev = runner.device
     reports = []
-    for i, unit in enumerate(units):
+    for i, unit in enumerate(tqdm(units, desc="activation stage (units)", mininterval=2.0)):
         qs = [q for q in unit_act_quantizers(unit.module) if q.enabled and q.initialized and q.n_bits < skip_bits]
         if not qs:
             continue

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 class _Stop(Exception):
@@ -49,7 +50,7 @@ def _merge(parts: list[Any], n_batch: list[int], storage: str | torch.device) ->
 
 def capture_inputs(
     model: nn.Module, unit: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
-    storage: str | torch.device = "cpu",
+    storage: str | torch.device = "cpu", desc: str | None = None,
 ) -> CachedCall:
     """Inputs of ``unit`` when ``run(model, batch)`` is called for each batch."""
     calls: list[tuple[tuple, dict]] = []
@@ -60,7 +61,7 @@ def capture_inputs(
 
     h = unit.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        sizes = _drive(model, batches, run)
+        sizes = _drive(model, batches, run, desc)
     finally:
         h.remove()
     n_args = len(calls[0][0])
@@ -71,7 +72,7 @@ def capture_inputs(
 
 def capture_outputs(
     model: nn.Module, unit: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
-    storage: str | torch.device = "cpu",
+    storage: str | torch.device = "cpu", desc: str | None = None,
 ) -> torch.Tensor:
     """Outputs of ``unit`` (first tensor if it returns a tuple), concatenated over batches."""
     outs: list[torch.Tensor] = []
@@ -82,17 +83,18 @@ def capture_outputs(
 
     h = unit.register_forward_hook(hook)
     try:
-        _drive(model, batches, run)
+        _drive(model, batches, run, desc)
     finally:
         h.remove()
     return torch.cat(outs)
 
 
-def _drive(model: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any]) -> list[int]:
+def _drive(model: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
+           desc: str | None = None) -> list[int]:
     """Run every batch until the hook stops it; returns the batch sizes."""
     sizes = []
     with torch.no_grad():
-        for b in batches:
+        for b in tqdm(batches, desc=desc, leave=False, mininterval=2.0, disable=desc is None, unit="batch"):
             try:
                 run(model, b)
             except _Stop:

@@ -103,8 +103,8 @@ def checked_model_fn(fn: Any, what: str) -> Any:
     """Wrap ``model_fn(x, t)`` so a non-finite prediction stops sampling at the step where it appears."""
     from tfmq_exp.checks import require_finite
 
-    def wrapped(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = fn(x, t)
+    def wrapped(x: torch.Tensor, t: torch.Tensor, *ctx: torch.Tensor) -> torch.Tensor:
+        eps = fn(x, t, *ctx)
         require_finite(eps, f"{what}: the model output at t={int(t.flatten()[0])}",
                        "the weights or the quantized ranges are broken; rerun with traceback=true to see where")
         return eps
@@ -143,7 +143,7 @@ def calib_record(cfg: DictConfig, model: LoadedModel, sampler: Sampler) -> tuple
     return load_or_collect(
         cache,
         key,
-        unet_fn(model.unet),
+        checked_model_fn(unet_fn(model.unet), "calibration trajectories"),
         sampler,
         int(c.n_trajectories),
         image_shape(model),

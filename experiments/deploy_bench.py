@@ -254,6 +254,35 @@ def fid_check(ckpt: str, n: int, threads: int, overrides: list[str]) -> dict:
     return out
 
 
+LABELS = {"torch_fp32": "PyTorch FP32 eager", "ov_fp32": "OpenVINO FP32", "ov_w8a8": "OpenVINO W8A8, one range",
+          "ov_w8a8_tables": "OpenVINO W8A8, per-step tables (one model)",
+          "ov_w8a8_tables_per_step": "OpenVINO W8A8, per-step tables (one model per step)",
+          "ov_w4a8": "OpenVINO W4A8 (int8 kernels)"}
+
+
+def table(results: dict) -> str:
+    """The README table: latency per UNet call and speed-up over PyTorch FP32 eager, peak memory, sizes."""
+    rows = results.get("rows", [])
+    lines = ["| model | variant | batch | latency (ms) | speed-up vs PyTorch FP32 | vs OpenVINO FP32 | peak RSS (MB) "
+             "| packed size (MB) | int8 layers |", "|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r["batch"]): r.get("latency_ms") for r in rows if r["variant"] == "torch_fp32"}
+    ovfp = {(r["model"], r["batch"]): r.get("latency_ms") for r in rows if r["variant"] == "ov_fp32"}
+    for r in rows:
+        if "latency_ms" not in r:
+            lines.append(f"| {r['model']} | {LABELS.get(r['variant'], r['variant'])} | {r.get('batch', '-')} | "
+                         f"not measured: {r.get('error', '')[:80]} | | | | | |")
+            continue
+        b0, b1 = base.get((r["model"], r["batch"])), ovfp.get((r["model"], r["batch"]))
+        size = r.get("size", {}).get("packed_mb" if r["variant"].startswith("ov_w") else "fp32_mb", "")
+        copies = f" ({r['copies']} compiled)" if r.get("copies", 1) > 1 else ""
+        lines.append(
+            f"| {r['model']} | {LABELS.get(r['variant'], r['variant'])}{copies} | {r['batch']} | {r['latency_ms']} | "
+            f"{b0 / r['latency_ms']:.2f}x | {(b1 / r['latency_ms']) if b1 else float('nan'):.2f}x | "
+            f"{r['peak_rss_mb']} | {size} | {r.get('int8_layers', 0)} |"
+        )
+    return "\n".join(lines)
+
+
 BATCHES = {"embedded": (1, 64), "ldm4": (1, 8), "sd": (1, 2)}
 VARIANTS = ("torch_fp32", "ov_fp32", "ov_w8a8", "ov_w8a8_tables", "ov_w8a8_tables_per_step", "ov_w4a8")
 
@@ -271,6 +300,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "experiments/results/deploy_bench.json"))
     ap.add_argument("--fid-ckpt", help="instead of timing: FID and agreement of this embedded checkpoint's export")
     ap.add_argument("--fid-n", type=int, default=250)
+    ap.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     ap.add_argument("overrides", nargs="*", help="config overrides for --fid-ckpt (e.g. quantizer=tfmq)")
     args = ap.parse_args()
     if args.worker:
@@ -278,6 +308,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    if args.table:
+        print(table(results))
+        return None
     if args.fid_ckpt:
         res = fid_check(args.fid_ckpt, args.fid_n, args.threads, args.overrides)
         print(json.dumps(res, indent=1))
@@ -288,7 +321,7 @@ def main() -> None:
         return None
     results["machine"] = {"cpu_count": os.cpu_count(), "threads": args.threads,
                           "load_avg_at_start": os.getloadavg(), "reps": args.reps}
-    rows = [r for r in results.get("rows", []) if r["model"] not in args.models]
+    rows = [r for r in results.get("rows", []) if r["model"] not in args.models or r["variant"] not in args.variants]
     for model_name in args.models:
         _, shape, cond = build_unet(model_name)
         gc.collect()

@@ -9,9 +9,10 @@ points, or the per-step tables (FSC). Three ways to carry the tables (``step_tab
 * ``runtime`` (one model): the step index is a model input; each layer gathers its step's scale
   ``s`` and zero point ``z`` and rescales its input to a fixed unit grid, ``u = x / s + (z - Z)``,
   quantized by a constant FakeQuantize with zero point ``Z``. Because the integer codes ``c`` then
-  carry the offset ``z - Z``, the layer pads explicitly (so padding maps to code ``z`` exactly as a
-  zero of the fake-quant model does) and corrects the output:
-  ``y = s * (W * c - (z - Z) * sum(W)) + b``. Exact, and the convolution stays integer.
+  carry the offset ``z - Z``, the output is corrected: ``y = s * (W * c - (z - Z) * K) + b`` with
+  ``K = W * 1`` (the weight summed over the part of each window inside the image: a one-channel
+  convolution of a ones image, so zero padding in ``x`` is reproduced exactly). Exact, and the
+  convolution stays integer.
 * ``per_step``: one model per step with that step's constants baked in (``build_deploy_model(step=i)``).
 * ``runtime_fq``: the gathered ranges feed the quantize op directly (kept for the measurement: the
   runtime then cannot fold them and runs the layer in floating point).
@@ -174,6 +175,9 @@ class _Part(nn.Module):
             full = self.weight.double() + (self.w_offset.reshape((-1,) + (1,) * (w.dim() - 1)) if self.offset else 0)
             w_sum = full.sum(dim=tuple(range(1, w.dim()))).float()
             self.register_buffer("w_sum", w_sum.reshape(1, -1, 1, 1) if w.dim() == 4 else w_sum)
+            if w.dim() == 4:
+                self.register_buffer("w_sum_k", full.sum(1, keepdim=True).float())  # (C_out, 1, kh, kw)
+                self.register_buffer("ones_1hw", torch.ones(1, 1, 1, 1))
         elif self.a_quant:
             self.act = DeployActQuant(aq, mode, step)
 
@@ -204,14 +208,19 @@ class _Part(nn.Module):
             c = torch.fake_quantize_per_tensor_affine(x * self.inv_s_t[step], 1.0, self.grid_zp, 0, 255)
             y = self._apply(c, layer, padded=False)
             return y * self.s_t[step] if bias is None else y * self.s_t[step] + bias
-        padded = layer.is_conv and any(p > 0 for p in layer.padding)
-        if padded:
-            ph, pw = layer.padding
-            x = F.pad(x, (pw, pw, ph, ph))  # zeros, quantized below to code z like the fake-quant padding
         u = x * self.inv_s_t[step] + self.shift_t[step]
         c = torch.fake_quantize_per_tensor_affine(u, 1.0, self.grid_zp, self.a_qmin, self.a_qmax)
-        y = self._apply(c, layer, padded=layer.is_conv)
-        shift = self.corr_t[step] * self.w_sum  # per output channel: one vector, then one add over the output
+        y = self._apply(c, layer, padded=False)
+        if layer.is_conv and any(p > 0 for p in layer.padding):
+            # the convolution pads c with 0 where the fake-quant model pads x with 0 (code z, c = z - Z):
+            # the difference is (z - Z) times the weight summed over the window's inside part, K; K comes
+            # from a one-channel convolution of a ones image, built from the step input so that it is
+            # not folded into a stored constant of the output's size
+            ones = self.ones_1hw.expand(1, 1, x.shape[2], x.shape[3]) * (step * 0 + 1).to(x.dtype)
+            k = F.conv2d(ones, self.w_sum_k, None, layer.stride, layer.padding, layer.dilation)
+            shift = self.corr_t[step] * k
+        else:
+            shift = self.corr_t[step] * self.w_sum  # per output channel: one vector, then one add over the output
         return y * self.s_t[step] - (shift if bias is None else shift - bias)
 
 

@@ -109,3 +109,13 @@ def bops_per_step(unet: nn.Module, sample_shape: tuple[int, ...], cond_shape: tu
         "bops_fp32_g": round(bops["fp32"] / 1e9, 4),
         "bops_ratio": round(bops["quantized"] / max(1, bops["fp32"]), 4),
     }
+
+
+def deploy_report(unet: nn.Module, sample_shape: tuple[int, ...], cond_shape: tuple[int, int] | None = None) -> dict:
+    """Sizes and BOPs per step together (task=quantize's results.json). BOPs need a plain ``unet(x, t)``
+    call: for models that also need class labels they are reported as not measured."""
+    try:
+        bops: dict | str = bops_per_step(unet, sample_shape, cond_shape)
+    except (TypeError, RuntimeError, ValueError) as err:
+        bops = f"not measured: {str(err).splitlines()[0][:120]}"
+    return {"size": size_report(unet), "bops_per_step": bops}

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
 from tfmq_exp.eval.similarity import similarity_metrics
+from tfmq_exp.export.size_report import deploy_report
 from tfmq_exp.methods import MethodContext, build_recipe, get_method
 from tfmq_exp.models.attention import attention_settings
 from tfmq_exp.models.loader import load_model
@@ -107,6 +108,7 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "metrics": metrics,
         "objective": objective,
         "checkpoint": ckpt,
+        "deploy": None if res.recipe is None else deploy_report(res.model, shape),  # sizes, BOPs (docs/deploy.md)
         "method_info": res.info,
         "complete": True,  # written last: a results.json without it comes from an older or broken run
     }

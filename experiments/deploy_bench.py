@@ -262,7 +262,9 @@ LABELS = {"torch_fp32": "PyTorch FP32 eager", "ov_fp32": "OpenVINO FP32", "ov_w8
 
 def table(results: dict) -> str:
     """The README table: latency per UNet call and speed-up over PyTorch FP32 eager, peak memory, sizes."""
-    rows = results.get("rows", [])
+    order = {m: i for i, m in enumerate(BATCHES)}
+    rows = sorted(results.get("rows", []), key=lambda r: (order.get(r["model"], 9), VARIANTS.index(r["variant"])
+                                                          if r["variant"] in VARIANTS else 9, r.get("batch", 0)))
     lines = ["| model | variant | batch | latency (ms) | speed-up vs PyTorch FP32 | vs OpenVINO FP32 | peak RSS (MB) "
              "| packed size (MB) | int8 layers |", "|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r["batch"]): r.get("latency_ms") for r in rows if r["variant"] == "torch_fp32"}

@@ -86,7 +86,7 @@ def test_runtime_rescaling_equals_baked_constants(tables, request):
 
 @pytest.mark.parametrize("tables", ["w8a8_tables", "w8a8_scale_tables"])
 def test_runtime_tables_run_int8_and_match_every_step(tables, request):
-    q = request.getfixturevalue(tables)  # zero points that move per step, or one zero point (no padding ops)
+    q = request.getfixturevalue(tables)  # zero points that move per step, or one zero point (no correction)
     cm = compile_deploy(build_deploy_model(q, "runtime"))
     rep = ovb.precision_report(cm)
     assert quantized_names(q) <= set(rep["int8_modules"])  # every quantized layer runs on integers
@@ -120,6 +120,9 @@ def test_sampling_through_the_runtime_matches_fake_quant_samples(w8a8_tables, tm
     ovb.save(model, tmp_path / "model.xml")
     (tmp_path / "export.json").write_text(json.dumps({"models": [{"xml": "model.xml", "steps": None}]}))
     runner = ovb.OpenVINOUNet(tmp_path, threads=1)
+    # the saved model runs every quantized layer on integers (the runtime's own report) ...
+    assert quantized_names(w8a8_tables) <= set(ovb.precision_report(runner.compiled(0, 3))["int8_modules"])
+    # ... and samples what the fake-quant model samples from the same noise
     sampler = Sampler(SCHED, steps=N_STEPS, eta=0.0)
     ref = sampler.sample(unet_fn(w8a8_tables), 3, SHAPE, seed=5, batch_size=3)
     got = sampler.sample(runner, 3, SHAPE, seed=5, batch_size=3)

@@ -12,6 +12,7 @@ for the settings in --fid-settings. Writes experiments/results/mnist_ldm_quality
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -90,8 +91,9 @@ def main() -> None:
     ap.add_argument("--sweep-per-class", type=int, default=20)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--etas", type=float, nargs="+", default=[0.0, 1.0])
-    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
-    ap.add_argument("--fid-settings", nargs="+", default=["0:3", "1:3"], help="eta:scale pairs scored with FID")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0])
+    ap.add_argument("--fid-settings", nargs="+", default=["1:3", "0:3"],
+                    help="eta:scale pairs scored with FID; the grid shows the first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default=None, help="model.weights (default: the committed asset)")
     ap.add_argument("--reference-n", type=int, default=None,
@@ -107,7 +109,12 @@ def main() -> None:
     unet, vae, emb, sf, sched_cfg = load_mnist_ldm(cfg.model)
     abar = DDPMScheduler(**sched_cfg).alphas_cumprod.float()
     parts = (unet, vae, emb, sf, abar)
-    res: dict = {"model": "mnist_ldm", "weights": args.weights or "committed asset", "ddim_steps": args.steps,
+    from tfmq_exp.models.loader import resolve_weights_path
+    from tfmq_exp.models.mnist_ldm import ASSET
+
+    wpath = resolve_weights_path(args.weights, ASSET)
+    res: dict = {"model": "mnist_ldm", "weights": args.weights or "committed asset",
+                 "weights_sha256": hashlib.sha256(wpath.read_bytes()).hexdigest(), "ddim_steps": args.steps,
                  "seed": args.seed, "scaling_factor": sf, "reference_n": args.reference_n or 5000,
                  "sweep": [], "fid": []}
 

@@ -61,18 +61,21 @@ class DatasetConfig:
     n_images: int = field(default=5000, metadata=positive())
     resolution: int = field(default=28, metadata=positive())
     conditioning: str = field(default="none", metadata=choice("none", "class", "text"))
-    classes: list[int] | None = None
-    prompts: str | None = field(default=None, metadata=path_rule("file"))
+    classes: list[int] | None = None  # class ids sampled in turn (null = every class of the model)
+    prompts: str | None = field(default=None, metadata=path_rule("file"))  # COCO captions JSON or a text file
 
 
 @dataclass
 class SamplerConfig:
-    kind: str = field(default="ddim", metadata=choice("ddim", "ddpm"))
+    kind: str = field(default="ddim", metadata=choice("ddim", "plms", "ddpm"))
     steps: int = field(default=50, metadata=positive())
     eta: float = field(default=1.0, metadata=between(0, 1))
     skip: str = field(default="uniform", metadata=choice("uniform", "quad"))
     clip_x0: bool = True
     batch_size: int = field(default=64, metadata=positive())
+    guidance: float = field(default=1.0, metadata=between(0, 100))  # classifier-free guidance scale (1 = none)
+    timestep_offset: int = field(default=0, metadata=between(0, 1))  # LDM/SD code: 1 (t = 1, 21, ...)
+    final_alpha_one: bool = True  # LDM/SD code: false (the last step ends on alphas_cumprod[0])
 
 
 @dataclass

@@ -103,6 +103,7 @@ class Sampler:
     device: str = "cpu"  # where the model runs; samples come back on the CPU
     timestep_offset: int = 0  # LDM/SD code: 1
     final_alpha_one: bool = True  # LDM/SD code: False (the last step ends on alphas_cumprod[0])
+    guidance: float = 1.0  # classifier-free guidance scale the run's Conditioning uses (part of the schedule)
 
     def __post_init__(self) -> None:
         cfg = dict(self.scheduler_config)
@@ -126,7 +127,8 @@ class Sampler:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "steps": self.num_steps, "eta": self.eta, "skip": self.skip, "clip_x0": self.clip_x0,
-                "timestep_offset": self.timestep_offset, "final_alpha_one": self.final_alpha_one}
+                "timestep_offset": self.timestep_offset, "final_alpha_one": self.final_alpha_one,
+                "guidance": self.guidance}
 
     @torch.no_grad()
     def sample_batch(

@@ -19,14 +19,14 @@ def shard(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def sample_sharded(
     sampler: Sampler, model_fn: ModelFn, n: int, image_shape: tuple[int, ...], seed: int, batch_size: int,
-    fabric: Any = None, desc: str = "sample",
+    fabric: Any = None, desc: str = "sample", cond: Any = None,
 ) -> torch.Tensor:
     """All ``n`` samples on every rank (gathered); with no ``fabric`` or one process, plain sampling."""
     world = 1 if fabric is None else fabric.world_size
     if world == 1:
-        return sampler.sample(model_fn, n, image_shape, seed, batch_size, desc=desc)
+        return sampler.sample(model_fn, n, image_shape, seed, batch_size, desc=desc, cond=cond)
     start, count = shard(n, fabric.global_rank, world)
-    mine = sampler.sample(model_fn, count, image_shape, seed, batch_size, start=start, desc=desc)
+    mine = sampler.sample(model_fn, count, image_shape, seed, batch_size, start=start, desc=desc, cond=cond)
     width = shard(n, 0, world)[1]
     padded = torch.zeros(width, *image_shape)
     padded[:count] = mine

@@ -99,23 +99,26 @@ def lp_search_params(
     flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     qmin, qmax = qrange(n_bits)
-    best_err = torch.full_like(lo, float("inf"))
-    best_scale, best_zp = torch.ones_like(lo), torch.zeros_like(lo)
-    for i in range(n_candidates):
-        ratio = 1.0 - 0.01 * i
-        m, mx = lo * ratio, hi * ratio
+    # every candidate at once, in chunks that keep (chunk, rows, N) around 4M elements: the same
+    # arithmetic per candidate as a loop, without 80 rounds of Python overhead per quantizer
+    ratios = torch.tensor([1.0 - 0.01 * i for i in range(n_candidates)], dtype=flat.dtype, device=flat.device)
+    chunk = max(1, (1 << 22) // max(1, flat.numel()))
+    scales, zps, errs = [], [], []
+    for r in ratios.split(chunk):
+        m, mx = lo[None, :] * r[:, None], hi[None, :] * r[:, None]
         if always_zero:
             scale = torch.clamp(mx / (2**n_bits - 1), min=MIN_SCALE)
             zp = torch.zeros_like(scale)
         else:
             scale = torch.clamp((mx - m) / (2**n_bits - 1), min=MIN_SCALE)
             zp = torch.round(-m / scale)
-        q = fake_quant(flat, scale[:, None], zp[:, None], qmin, qmax)
-        err = (q - flat).abs().pow(p).mean(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zp = torch.where(better, zp, best_zp)
+        q = fake_quant(flat[None], scale[..., None], zp[..., None], qmin, qmax)
+        errs.append((q - flat[None]).abs().pow(p).mean(dim=-1))
+        scales.append(scale)
+        zps.append(zp)
+    best = torch.cat(errs).argmin(dim=0)  # the first candidate with the smallest error
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    best_scale, best_zp = torch.cat(scales)[best, rows], torch.cat(zps)[best, rows]
     if per_channel:
         return best_scale, best_zp
     return best_scale[0], best_zp[0]

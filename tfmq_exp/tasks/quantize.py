@@ -27,7 +27,8 @@ from tfmq_exp.tasks.common import (
     set_stage,
     timed,
 )
-from tfmq_exp.tasks.evaluate import active, evaluate_samples, samples_needed, temporal_diagnostics
+from tfmq_exp.tasks.conditioning import conditioning_for, to_images
+from tfmq_exp.tasks.evaluate import active, class_metrics, evaluate_samples, samples_needed, temporal_diagnostics
 from tfmq_exp.tracking import make_tracker
 
 log = logging.getLogger("tfmq_exp")
@@ -71,20 +72,22 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     shape = image_shape(model)
     model.unet.to(sampler.device)
     res.model.to(sampler.device)
+    cond, cond_info = conditioning_for(cfg, model, n_q, int(cfg.seed))
     with timed(timings, "sampling_s"):
         fp_fn = checked_model_fn(unet_fn(model.unet), "FP samples")
-        fp_img = to_uint8(finite(sampler.sample(fp_fn, n_fp if res.recipe else n_q, shape, cfg.seed, bs,
-                                                desc="FP samples"), "FP samples"))
+        fp_img = to_uint8(to_images(model, finite(sampler.sample(
+            fp_fn, n_fp if res.recipe else n_q, shape, cfg.seed, bs, desc="FP samples", cond=cond), "FP samples")))
         q_name = f"{cfg.quantizer.name} {bits} samples"
-        q_img = fp_img if res.recipe is None else to_uint8(finite(
+        q_img = fp_img if res.recipe is None else to_uint8(to_images(model, finite(
             sampler.sample(checked_model_fn(unet_fn(res.model), q_name), n_q, shape, cfg.seed, bs,
-                           desc=f"{cfg.quantizer.name} samples"), q_name))
+                           desc=f"{cfg.quantizer.name} samples", cond=cond), q_name)))
     save_rows_png([fp_img[: cfg.n_grid], q_img[: cfg.n_grid]], out / "samples.png")
     write_npz(out / "samples.npz", arr_0=q_img.permute(0, 2, 3, 1).numpy())  # ADM layout: uint8 NHWC
     n_cmp = int(cfg.n_compare)
     metrics: dict[str, Any] = {f"fp_{k}": v for k, v in similarity_metrics(q_img[:n_cmp], fp_img[:n_cmp]).items()}
     with timed(timings, "evaluation_s"):
-        metrics.update(evaluate_samples(cfg, q_img, out))
+        metrics.update(evaluate_samples(cfg, q_img, out, prompts=cond_info.get("prompts")))
+        metrics.update(class_metrics(cfg, q_img, cond_info))
         if res.recipe is not None and active(cfg) and cfg.evaluator.get("diagnostics", False):
             temporal = temporal_diagnostics(model.unet, res.model, sampler.timesteps, out)
             metrics["temporal_cosine_mean"] = temporal["mean_cosine"]
@@ -110,6 +113,7 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "checkpoint": ckpt,
         "deploy": None if res.recipe is None else deploy_report(res.model, shape),  # sizes, BOPs (docs/deploy.md)
         "method_info": res.info,
+        "conditioning": {k: v[: int(cfg.n_compare)] for k, v in cond_info.items()},  # first samples: class/prompt
         "complete": True,  # written last: a results.json without it comes from an older or broken run
     }
     write_json(out / "results.json", results)

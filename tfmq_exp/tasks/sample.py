@@ -25,6 +25,7 @@ from tfmq_exp.tasks.common import (
     seed_everything,
     timed,
 )
+from tfmq_exp.tasks.conditioning import conditioning_for, to_images
 
 log = logging.getLogger("tfmq_exp")
 
@@ -113,11 +114,12 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         model_fn, meta = openvino_model_fn(cfg, sampler, meta)
     n = int(cfg.n_compare)
     what = f"samples of {cfg.ckpt or 'the FP model'}"
+    cond, cond_info = conditioning_for(cfg, model, n, int(cfg.seed))
     with timed(timings, "sampling_s"):
         x = sample_sharded(sampler, checked_model_fn(model_fn, what), n, image_shape(model), cfg.seed,
-                           int(cfg.sampler.batch_size), fabric)
+                           int(cfg.sampler.batch_size), fabric, cond=cond)
     require_finite(x, what, "the weights or the checkpoint's ranges are broken")
-    imgs = to_uint8(x)
+    imgs = to_uint8(to_images(model, x))
     if fabric is not None and fabric.global_rank != 0:
         return {"task": "sample", "rank": fabric.global_rank}
     save_rows_png([imgs[: cfg.n_grid]], out / "samples.png")
@@ -133,6 +135,7 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "n": n,
         "devices": 1 if fabric is None else fabric.world_size,
         "sampler": sampler.describe(),
+        "conditioning": cond_info,  # each sample's class or prompt
         "timings": timings,
         "complete": True,
     }

@@ -3,8 +3,6 @@ halves of the guided batch, and a bit-identical checkpoint reload for tfmq, qdif
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -74,9 +72,9 @@ def test_conditional_model_quantizes_and_reloads_bit_for_bit(tmp_path, name, opt
     assert all(torch.isfinite(torch.tensor([u["loss_after"] for u in res.info["units"]])))
     pool = ctx.record.pool(steps=[2])
     batch = pool.batch(slice(0, 4))
-    path = save_quantized(res.model, res.recipe, tmp_path / "q.safetensors", {"attention": attention_settings(res.model)})
-    fresh = tiny_cond()
     attn = attention_settings(res.model)
+    path = save_quantized(res.model, res.recipe, tmp_path / "q.safetensors", {"attention": attn})
+    fresh = tiny_cond()
     if attn:
         reinstall_attention_quantizers(fresh, attn)
     load_quantized(fresh, path)

@@ -16,7 +16,7 @@ from torch import nn
 
 from tfmq_exp.diffusion.calib_data import CalibRecord
 from tfmq_exp.methods.pipeline import fsc_stage
-from tfmq_exp.quant import QuantRecipe, QuantizerSpec
+from tfmq_exp.quant import QuantizerSpec, QuantRecipe
 from tfmq_exp.quant import functional as F
 from tfmq_exp.quant.swap import activation_quantizers, init_weight_ranges, swap_modules
 
@@ -55,7 +55,7 @@ def reference_tables(q, rec, init_samples, batch_size, momentum, seed, first_rul
         first = pool.shuffled(init_samples, seed * 7919 + s).x
         params, ext = [None, None], [None, None]
 
-        def layer_input(j, a, ema):
+        def layer_input(j, a, ema, params=params, ext=ext):
             lo, hi = a.min(), a.max()
             if not ema:
                 ext[j] = [lo, hi]
@@ -68,7 +68,7 @@ def reference_tables(q, rec, init_samples, batch_size, momentum, seed, first_rul
                 params[j] = F.minmax_params(ext[j][0], ext[j][1], N_BITS)
             return F.fake_quant(a, *params[j], *F.qrange(N_BITS))
 
-        def forward(x, ema):
+        def forward(x, ema, layer_input=layer_input):
             h = tnf.conv2d(layer_input(0, x, ema), w1, q.conv1.bias, padding=1)
             return tnf.conv2d(layer_input(1, tnf.silu(h), ema), w2, q.conv2.bias, padding=1)
 

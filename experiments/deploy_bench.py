@@ -277,9 +277,10 @@ def table(results: dict) -> str:
         b0, b1 = base.get((r["model"], r["batch"])), ovfp.get((r["model"], r["batch"]))
         size = r.get("size", {}).get("packed_mb" if r["variant"].startswith("ov_w") else "fp32_mb", "")
         copies = f" ({r['copies']} compiled)" if r.get("copies", 1) > 1 else ""
+        vs_ov = f"{b1 / r['latency_ms']:.2f}x" if b1 else "-"
         lines.append(
             f"| {r['model']} | {LABELS.get(r['variant'], r['variant'])}{copies} | {r['batch']} | {r['latency_ms']} | "
-            f"{b0 / r['latency_ms']:.2f}x | {(b1 / r['latency_ms']) if b1 else float('nan'):.2f}x | "
+            f"{b0 / r['latency_ms']:.2f}x | {vs_ov} | "
             f"{r['peak_rss_mb']} | {size} | {r.get('int8_layers', 0)} |"
         )
     return "\n".join(lines)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from hydra import compose, initialize_config_dir
+from tiny_unets import tiny_unet
 
 from tfmq_exp.config import register_configs
 from tfmq_exp.diffusion.calib_data import CalibRecord
@@ -26,13 +26,6 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 TS = torch.tensor([900, 600, 300, 50])
 
 
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4,
-    ).eval()
 
 
 @pytest.fixture(scope="module")

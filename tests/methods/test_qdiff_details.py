@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from omegaconf import OmegaConf
+from tiny_unets import tiny_unet
 
 from tfmq_exp.diffusion.calib_data import CalibRecord
 from tfmq_exp.methods import MethodContext, get_method
@@ -97,13 +97,6 @@ class SimpleCtx:
 # -- whole methods on a tiny UNet -------------------------------------------------------------------
 
 
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4,
-    ).eval().requires_grad_(False)
 
 
 def run_method(name: str, origin: str, options: dict | None = None, act: dict | None = None, bits=(4, 8)):

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DModel
+from tiny_unets import tiny_unet
 
 from tfmq_exp.diffusion.calib_data import CalibRecord
 from tfmq_exp.methods import pipeline
@@ -25,13 +26,6 @@ T = torch.tensor([900, 600, 300, 50]).repeat_interleave(8)  # the pool's timeste
 SETTINGS = ReconSettings(iters=20, batch_size=8, eval_samples=32)
 
 
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4,
-    ).eval()
 
 
 def tfmq_model() -> tuple[UNet2DModel, UNet2DModel, list[str]]:

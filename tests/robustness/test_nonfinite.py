@@ -26,14 +26,17 @@ def test_nan_weights_file_stops_before_calibration(make_cfg, nan_weights, tmp_pa
     assert not (cache / "calib").exists()
 
 
-def test_model_with_overflowing_output_stops_at_the_calibration_record(make_cfg, tmp_path):
+@pytest.mark.parametrize("clip", ["true", "false"])
+def test_model_with_overflowing_output_stops_at_the_calibration_record(make_cfg, tmp_path, clip):
+    """The first model call of the calibration trajectories is checked, so an inf output stops there (with x0
+    clipping the trajectories themselves would stay finite)."""
     def blow_up(state):  # finite weights whose output overflows float32 to inf
         state["conv_out.weight"] *= 1e38
 
     weights = write_weights(tmp_path / "huge.safetensors", blow_up)
-    with pytest.raises(NonFiniteError, match=r"^calibration record \(the FP model's sampling trajectories\) is "
+    with pytest.raises(NonFiniteError, match=r"^calibration trajectories: the model output at t=900 is "
                                              r"not finite: \d+ NaN and \d+ Inf of \d+ values\. Fix:"):
-        run(make_cfg(*SMOKE, "quantizer=rtn", f"model.weights={weights}", "sampler.clip_x0=false",
+        run(make_cfg(*SMOKE, "quantizer=rtn", f"model.weights={weights}", f"sampler.clip_x0={clip}",
                      f"paths.cache_dir={tmp_path}/own_cache"))
     calib = tmp_path / "own_cache" / "calib"
     assert not (calib.exists() and list(calib.glob("*.safetensors"))), "a poisoned record was cached"

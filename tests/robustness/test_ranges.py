@@ -30,7 +30,7 @@ from tfmq_exp.precheck import group_options, precheck
         ("evaluator.n_samples=0", r"evaluator\.n_samples=0 is out of range"),
         ("evaluator.kid_subsets=-1", r"evaluator\.kid_subsets=-1 is out of range"),
         ("evaluator.reference_n=0", r"evaluator\.reference_n=0 is out of range"),
-        ("sampler.kind=euler", r"sampler\.kind=euler is not allowed\. Fix: use one of \['ddim', 'ddpm'\]"),
+        ("sampler.kind=euler", r"sampler\.kind=euler is not allowed\. Fix: use one of \['ddim', 'plms', 'ddpm'\]"),
         ("recon.cache_on=disk", r"recon\.cache_on=disk is not allowed"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Quantizer math against hand-computed values (ALGORITHMS.md §1)."""
+"""Quantizer math against hand-computed values (docs/methods.md §1)."""
 
 import math
 

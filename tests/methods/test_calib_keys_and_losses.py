@@ -65,3 +65,21 @@ def test_weight_stage_reports_the_stratified_losses(monkeypatch):
                                     engine.ReconSettings(iters=2, eval_samples=30), engine.FabricRunner(), seed=0)
     assert len(seen) == 2 and seen[0].tolist() == list(range(0, 300, 10))
     assert loss["loss_before"] == loss["loss_after"] == float(torch.arange(0, 300, 10).float().mean())
+
+
+def test_a_nan_alpha_stops_the_unit_instead_of_rounding_down():
+    """NaN >= 0 is false, so a NaN alpha would silently become 'round down': the engine refuses it."""
+    import pytest
+
+    from tfmq_exp.checks import NonFiniteError
+    from tfmq_exp.recon import engine
+
+    q = SimpleNamespace(rounding="nearest", alpha=torch.nn.Parameter(torch.zeros(3)))
+    q.regularizer = lambda beta: q.alpha.sum() * 0
+
+    def loss(idx):  # finite before, then the gradient blows alpha up to NaN
+        return (q.alpha * float("nan")).sum() if q.rounding == "soft" else idx.float().mean()
+
+    with pytest.raises(NonFiniteError, match="AdaRound parameters of unit7 is not finite"):
+        engine.optimize_rounding([q], loss, 10, engine.ReconSettings(iters=2, eval_samples=4), engine.FabricRunner(),
+                                 seed=0, desc="unit7")

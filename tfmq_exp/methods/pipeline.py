@@ -218,8 +218,11 @@ def init_activations(
         stream = pool.shuffled(None, seed + 1) if stat_order == "shuffled" else pool
         for b in stream.to(dev).batches(batch_size):
             call_model(qmodel, b)
-    for q in qs:
+    for j, q in enumerate(qs):
         q.observing = q.running_stat = False
+        if q.initialized:
+            require_finite(q.scale, f"activation range {j} of {len(qs)} after its calibration",
+                           "the calibration pool or the quantized weights hold non-finite values")
 
 
 @torch.no_grad()

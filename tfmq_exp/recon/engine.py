@@ -117,6 +117,8 @@ def optimize_rounding(
         runner.backward(loss, alphas)
         opt.step()
     for q in quantizers:
+        # a NaN alpha would round down silently (NaN >= 0 is false): stop where it appeared instead
+        require_finite(q.alpha, f"AdaRound parameters of {desc}", "lower recon.weight_lr or check the unit's inputs")
         q.rounding = "hard"
     wall = time.perf_counter() - t0
     after = _eval_loss(loss_fn, n, s.eval_samples, desc)

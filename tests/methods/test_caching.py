@@ -67,13 +67,13 @@ def spy(monkeypatch):
     seen: list[dict] = []
     real_in, real_out = pipeline.capture_inputs, pipeline.capture_outputs
 
-    def cap_in(model, unit, batches, run, storage="cpu"):
+    def cap_in(model, unit, batches, run, storage="cpu", desc=None):
         acts = [a.enabled for a in activation_quantizers(model)]
         out = real_in(model, unit, batches, run, storage)
         seen.append({"what": "inputs", "model": model, "unit": unit, "value": out.args[0].data, "acts": acts})
         return out
 
-    def cap_out(model, unit, batches, run, storage="cpu"):
+    def cap_out(model, unit, batches, run, storage="cpu", desc=None):
         out = real_out(model, unit, batches, run, storage)
         seen.append({"what": "targets", "model": model, "unit": unit, "value": out})
         return out

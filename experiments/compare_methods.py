@@ -4,6 +4,8 @@ Every method gets the same calibration record (cached after the first run), the 
 reconstruction budget (``recon=``), the same pool size and the same evaluation seed.
 
     python experiments/compare_methods.py                      # the README table
+    python experiments/compare_methods.py --bits w8a8 w4a8 --out experiments/results/compare_mnist_ldm \
+        --extra model=mnist_ldm                                # the conditional latent model's table
     python experiments/compare_methods.py --bits w4a8 --methods rtn tfmq --extra recon=smoke evaluator=none
 """
 
@@ -18,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = [
-    ("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("fp_psnr", "PSNR vs FP (dB)"), ("fp_mse", "MSE vs FP"),
+    ("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("class_accuracy", "class acc"),
+    ("fp_psnr", "PSNR vs FP (dB)"), ("fp_mse", "MSE vs FP"),
 ]
 TIMES = [("calib_data_s", "calib data (s)"), ("weight_stage_s", "weight stage (s)"), ("act_stage_s", "act stage (s)"),
          ("quantization_s", "quantization (s)")]
@@ -43,10 +46,12 @@ def fmt(v: object) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["method", "bits", *[m[1] for m in METRICS], *[t[1] for t in TIMES]]
+    """One row per run; a metric column only where some run reports it (class acc: conditional models)."""
+    metrics = [(k, h) for k, h in METRICS if any(r["metrics"].get(k) is not None for r in rows)]
+    head = ["method", "bits", *[m[1] for m in metrics], *[t[1] for t in TIMES]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["quantizer"], r["bits"], *[fmt(r["metrics"].get(k)) for k, _ in METRICS],
+        cells = [r["quantizer"], r["bits"], *[fmt(r["metrics"].get(k)) for k, _ in metrics],
                  *[fmt(r["timings"].get(k)) for k, _ in TIMES]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

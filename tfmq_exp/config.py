@@ -28,7 +28,8 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     name: str = "mnist"
-    family: str = "unet2d"  # which architecture adapter describes it
+    # which architecture adapter describes it (tfmq_exp/models/adapters/: one file per family)
+    family: str = field(default="unet2d", metadata=choice("unet2d", "unet2d_condition"))
     # the original code base whose conventions the method recipes follow (docs/methods.md §2): ddim (ermongroup
     # DDIM / DDPM pixel UNets: attention q/k/v/out are 1x1 convs), ldm (CompVis openaimodel: Conv1d attention
     # projections), sd (Stable Diffusion)

@@ -25,7 +25,7 @@ class MethodContext:
     recon: Any  # cfg.recon
     trainer: Any  # cfg.trainer
     seed: int
-    family: str = "unet2d"
+    family: str | None = None  # model.family: checked against the model; None = inferred from its class
     origin: str = "ddim"  # the original code base's conventions: ddim | ldm | sd (model.origin)
 
 

@@ -70,7 +70,11 @@ class Setup:
 def _prepare(ctx: MethodContext, method: str, split: bool, quant_attention: bool) -> Setup:
     """Swap with the method's FP rules, initialise weight ranges, add attention quantizers, place on device."""
     recipe = build_recipe(ctx.quantizer)
-    recipe.rules = adapters.fp_rules(ctx.fp_unet, method, **_rule_options(ctx, method)) + recipe.rules
+    try:
+        adapter = adapters.adapter_for(ctx.fp_unet, ctx.family)
+    except (ValueError, NotImplementedError) as err:
+        raise UserError(f"{err}. Fix: quantize a supported diffusers UNet with the matching model.family.") from None
+    recipe.rules = adapter.fp_rules(method, **_rule_options(ctx, method)) + recipe.rules
     qmodel = copy.deepcopy(ctx.fp_unet)
     splits = adapters.split_points(qmodel) if split else {}
     swap_modules(qmodel, recipe, splits)

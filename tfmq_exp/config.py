@@ -77,6 +77,9 @@ class SamplerConfig:
     guidance: float = field(default=1.0, metadata=between(0, 100))  # classifier-free guidance scale (1 = none)
     timestep_offset: int = field(default=0, metadata=between(0, 1))  # LDM/SD code: 1 (t = 1, 21, ...)
     final_alpha_one: bool = True  # LDM/SD code: false (the last step ends on alphas_cumprod[0])
+    # uniform skipping with a step count that does not divide T: exact refuses; stride runs range(0, T, T // steps)
+    # as the LDM code does (LSUN-Churches' 400 steps run 500); tables then cover the steps actually run
+    uniform_steps: str = field(default="exact", metadata=choice("exact", "stride"))
 
 
 @dataclass

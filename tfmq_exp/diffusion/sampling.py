@@ -70,17 +70,26 @@ def guided_eps(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, ctx: torch.T
     return eps_uc + cond.scale * (eps_c - eps_uc)
 
 
-def ddim_timesteps(num_train: int, steps: int, skip: str, offset: int = 0) -> list[int]:
-    """Descending time steps of an S-step DDIM schedule (``offset``: the LDM code's +1)."""
+def ddim_timesteps(num_train: int, steps: int, skip: str, offset: int = 0, uniform_steps: str = "exact") -> list[int]:
+    """Descending time steps of an S-step DDIM schedule (``offset``: the LDM code's +1).
+
+    Uniform skipping takes every ``T // S``-th step. When S does not divide T that is more than S steps
+    (400 of 1000: stride 2, 500 steps, the LDM code's LSUN-Churches run, docs/methods.md §9 T4):
+    ``uniform_steps="exact"`` refuses, ``"stride"`` runs what the official code runs, and every per-step
+    table then covers the steps actually run.
+    """
     if steps < 1 or steps > num_train:
         raise UserError(f"sampler.steps={steps} is out of range. Fix: use 1..{num_train}.")
+    if uniform_steps not in ("exact", "stride"):
+        raise UserError(f"unknown sampler.uniform_steps '{uniform_steps}'. Fix: use 'exact' or 'stride'.")
     if skip == "uniform":
         stride = num_train // steps
         seq = list(range(0, num_train, stride))
-        if len(seq) != steps:  # e.g. 400 of 1000 would silently run 500 steps (docs/methods.md §9 T4)
+        if len(seq) != steps and uniform_steps == "exact":
             raise UserError(
                 f"uniform DDIM skipping needs sampler.steps to divide {num_train}: {steps} would run "
-                f"{len(seq)} steps. Fix: pick a divisor (e.g. 50, 100, 200, 250, 500) or sampler.skip=quad."
+                f"{len(seq)} steps. Fix: pick a divisor (e.g. 50, 100, 200, 250, 500), sampler.skip=quad, or "
+                f"sampler.uniform_steps=stride to run the {len(seq)} steps the official LDM code runs."
             )
     elif skip == "quad":
         # as the DDIM code: int() of the squares, so small t can repeat (e.g. 0, 0, 0, 0, 1, 2, 2, ...)
@@ -104,6 +113,7 @@ class Sampler:
     timestep_offset: int = 0  # LDM/SD code: 1
     final_alpha_one: bool = True  # LDM/SD code: False (the last step ends on alphas_cumprod[0])
     guidance: float = 1.0  # classifier-free guidance scale the run's Conditioning uses (part of the schedule)
+    uniform_steps: str = "exact"  # "stride": a non-divisor step count runs range(0, T, T // steps) as LDM's code
 
     def __post_init__(self) -> None:
         cfg = dict(self.scheduler_config)
@@ -113,7 +123,8 @@ class Sampler:
         if self.kind in ("ddim", "plms"):
             if self.kind == "plms" and self.eta != 0:
                 raise UserError(f"PLMS is deterministic: sampler.eta={self.eta}. Fix: set sampler.eta=0.")
-            self.timesteps = ddim_timesteps(self.num_train, self.steps, self.skip, self.timestep_offset)
+            self.timesteps = ddim_timesteps(self.num_train, self.steps, self.skip, self.timestep_offset,
+                                            self.uniform_steps)
         elif self.kind == "ddpm":
             self.steps = self.num_train
             self.timesteps = list(range(self.num_train))[::-1]

@@ -188,7 +188,9 @@ def tiar_stage(
     rep = optimize_rounding(qs, loss_fn, int(t.shape[0]), s, runner, seed, desc="TIAR")
     log.info("TIAR over %d layers: loss %.4g -> %.4g (%.1f s)", len(layers), rep["loss_before"], rep["loss_after"],
              rep["wall_s"])
-    return {"unit": "temporal_information_block", "kind": "tib", "stage": "weight", **rep}
+    # the finite set TIAR trained on: the pool's time steps, taken from the schedule the sampler ran
+    return {"unit": "temporal_information_block", "kind": "tib", "stage": "weight",
+            "timesteps": sorted({int(v) for v in t.tolist()}), **rep}
 
 
 @torch.no_grad()

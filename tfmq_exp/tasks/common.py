@@ -114,11 +114,16 @@ def checked_model_fn(fn: Any, what: str) -> Any:
 
 def build_sampler(cfg: DictConfig, model: LoadedModel) -> Sampler:
     s = cfg.sampler
-    return Sampler(
+    sampler = Sampler(
         model.scheduler_config, kind=s.kind, steps=int(s.steps), eta=float(s.eta), skip=s.skip, clip_x0=bool(s.clip_x0),
         timestep_offset=int(s.get("timestep_offset", 0)), final_alpha_one=bool(s.get("final_alpha_one", True)),
-        guidance=float(s.get("guidance", 1.0)),
+        guidance=float(s.get("guidance", 1.0)), uniform_steps=str(s.get("uniform_steps", "exact")),
     )
+    if sampler.num_steps != int(s.steps) and s.kind != "ddpm":
+        log.warning("sampler.steps=%d with stride %d runs %d steps (t = %d ... %d), as the official LDM code does; "
+                    "calibration and per-step tables cover all %d", int(s.steps), sampler.num_train // int(s.steps),
+                    sampler.num_steps, sampler.timesteps[0], sampler.timesteps[-1], sampler.num_steps)
+    return sampler
 
 
 def image_shape(model: LoadedModel) -> tuple[int, int, int]:

@@ -17,10 +17,11 @@ text encoder); see docs/models.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,27 @@ class OriginalModel(LoadedModel):
     cond_stage: torch.nn.Module | None = None  # ClassEmbedder / CLIPTextModel: conditioning -> context
     scale_factor: float = 1.0  # latents = scale_factor * first-stage latents (LDM's z scaling)
     source_path: str = ""  # the checkpoint, folder or hub id the weights came from
+    # where the CLIP tokenizer of a text model may come from, tried in order: (folder or hub id, subfolder)
+    tokenizer_sources: list[tuple[str, str | None]] = field(default_factory=list)
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The CLIP tokenizer (not part of an original checkpoint), loaded the first time prompts are encoded."""
+        if self.text_encoder is None:
+            return None
+        from transformers import CLIPTokenizer
+
+        tried = []
+        for ref, sub in self.tokenizer_sources:
+            try:
+                return CLIPTokenizer.from_pretrained(ref, subfolder=sub or "")
+            except (OSError, ValueError, TypeError):
+                tried.append(f"{ref}/{sub}" if sub else ref)
+        raise UserError(
+            f"cannot load the CLIP tokenizer of model '{self.name}' (tried: {', '.join(tried) or 'nothing'}). "
+            "Fix: set model.original.tokenizer=PATH to a local copy of the tokenizer files (vocab.json, "
+            "merges.txt), or run where the hub is reachable."
+        )
 
     # the names the latent pipeline reads on a LoadedModel (as model=mnist_ldm provides them)
     @property
@@ -327,10 +349,13 @@ def _first_stage_file(cfg: Any) -> dict[str, torch.Tensor]:
     return read_checkpoint(found)
 
 
-def _result(cfg, unet, sched, ref, fs=None, cs=None, scale=1.0) -> OriginalModel:
+def _result(cfg, unet, sched, ref, fs=None, cs=None, scale=1.0, tokenizers=()) -> OriginalModel:
     unet.eval().requires_grad_(False)
-    return OriginalModel(unet, sched, cfg.name, int(cfg.image_size), int(cfg.channels),
-                         first_stage=fs, cond_stage=cs, scale_factor=scale, source_path=ref)
+    sources = list(tokenizers)
+    if cfg.original.get("tokenizer"):  # FrozenCLIPEmbedder's tokenizer: a hub id or a local copy
+        sources.append((str(cfg.original.tokenizer), None))
+    return OriginalModel(unet, sched, cfg.name, int(cfg.image_size), int(cfg.channels), first_stage=fs,
+                         cond_stage=cs, scale_factor=scale, source_path=ref, tokenizer_sources=sources)
 
 
 def _from_diffusers(cfg: Any, kind: str, params: dict, sched: dict, ref: str) -> OriginalModel:
@@ -368,4 +393,6 @@ def _from_diffusers(cfg: Any, kind: str, params: dict, sched: dict, ref: str) ->
     for module in (fs, cs):
         if module is not None:
             module.eval().requires_grad_(False)
-    return _result(cfg, unet, sched, ref, fs, cs, scale)
+    # a pipeline folder carries its tokenizer (tokenizer/); the configured one is the fallback
+    tokenizers = [(ref, parts.get("tokenizer", "tokenizer"))] if cs is not None else []
+    return _result(cfg, unet, sched, ref, fs, cs, scale, tokenizers)

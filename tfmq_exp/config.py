@@ -91,6 +91,9 @@ class CalibConfig:
     per_step: int = field(default=256, metadata=positive())  # ... and this many samples of each
     cache: bool = True
     mode: str = field(default="one_pass", metadata=choice("one_pass", "official"))  # official: TFMQ's O(T^2) pool
+    # class-conditional models: trajectory i gets classes[i % len] (null = dataset.classes); ImageNet's
+    # official pool: 32 classes 0, 32, ..., 992 x 8 trajectories
+    classes: list[int] | None = None
 
 
 @dataclass

@@ -227,10 +227,17 @@ def init_activations(
                            "the calibration pool or the quantized weights hold non-finite values")
 
 
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    ctx = None if batches[0].ctx is None else torch.cat([b.ctx for b in batches])
+    return Batch(*(torch.cat([getattr(b, f) for b in batches]) for f in ("x", "t", "step")), ctx)
+
+
 @torch.no_grad()
 def fsc_stage(
     qmodel: nn.Module, record_pool_by_step: dict[int, CalibPool], n_steps: int, quantizers: list[UniformQuantizer],
-    init_samples: int, batch_size: int, momentum: float, seed: int,
+    init_samples: int, batch_size: int, momentum: float, seed: int, max_batch: int = 1,
 ) -> dict[str, Any]:
     """Per-step activation tables (FSC, §5.6), in the official order. For each step s, with every weight
     hard-rounded and every activation quantizer on:
@@ -241,6 +248,11 @@ def fsc_stage(
     2. running statistics on: forward all samples of step s in shuffled mini-batches of ``batch_size``;
        each batch moves the raw extremes by the EMA (``momentum``) and resets (scale, z) to their min-max;
     3. table[s] = (scale, z) of every quantizer.
+
+    Each step's procedure is independent of the others', so with ``max_batch`` > ``batch_size`` several
+    steps run in one forward (up to ``max_batch`` samples): their init samples together, then the k-th
+    mini-batch of each, every quantizer keeping one range per step slice. The tables equal the one-step-
+    at-a-time procedure's up to the float rounding of larger batches (tests/methods/test_fsc_batched.py).
     """
     set_quant_state(qmodel, weight=True, act=True)
     dev = next(qmodel.parameters()).device
@@ -249,21 +261,36 @@ def fsc_stage(
     for q in quantizers:
         q.set_step_tables(torch.empty(0), torch.empty(0))
         q.momentum = momentum
-    for s in tqdm(range(n_steps), desc="FSC steps", leave=False, mininterval=2.0):
-        pool = record_pool_by_step[s]
+    sizes = {len(record_pool_by_step[s]) for s in range(n_steps)}
+    per_forward = max(1, max_batch // max(1, min(batch_size, min(sizes)))) if len(sizes) == 1 else 1
+    chunks = [list(range(a, min(a + per_forward, n_steps))) for a in range(0, n_steps, per_forward)]
+    bar = tqdm(total=n_steps, desc="FSC steps", leave=False, mininterval=2.0)
+    for chunk in chunks:
         for q in quantizers:
             q.reset()
             q.observing, q.running_stat = True, False
-        first = pool.shuffled(init_samples, seed * 7919 + s)
-        with step_context(s):
-            call_model(qmodel, first.to(dev).all())
+            q.groups = len(chunk) if len(chunk) > 1 else 0
+        firsts = [record_pool_by_step[s].shuffled(init_samples, seed * 7919 + s) for s in chunk]
+        rest = [list(record_pool_by_step[s].shuffled(None, seed * 7919 + s + 1).to(dev).batches(batch_size))
+                for s in chunk]
+        try:
+            # one step alone runs under its step index; several steps in one forward concatenate the k-th
+            # mini-batch of each (quantizers in grouped mode keep one range per step slice)
+            with step_context(chunk[0] if len(chunk) == 1 else None):
+                call_model(qmodel, _concat([f.to(dev).all() for f in firsts]))
+                for q in quantizers:
+                    q.running_stat = True
+                for k in range(len(rest[0])):
+                    call_model(qmodel, _concat([r[k] for r in rest]))
+        finally:
             for q in quantizers:
-                q.running_stat = True
-            for b in pool.shuffled(None, seed * 7919 + s + 1).to(dev).batches(batch_size):
-                call_model(qmodel, b)
+                q.groups = 0
         for j, q in enumerate(quantizers):
-            scales[j].append(q.scale.detach().clone())
-            zps[j].append(q.zero_point.detach().clone())
+            s_vec, z_vec = q.scale.detach().clone(), q.zero_point.detach().clone()
+            scales[j] += list(s_vec.reshape(len(chunk))) if len(chunk) > 1 else [s_vec]
+            zps[j] += list(z_vec.reshape(len(chunk))) if len(chunk) > 1 else [z_vec]
+        bar.update(len(chunk))
+    bar.close()
     for j, q in enumerate(quantizers):
         q.observing = q.running_stat = False
         table = torch.stack(scales[j])

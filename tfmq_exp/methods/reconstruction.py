@@ -42,15 +42,22 @@ def pool_steps(num_steps: int, calib_steps: int) -> list[int]:
 
 
 def weight_pool(ctx: MethodContext):  # noqa: ANN201
-    """The shared pool: the ``pool_steps`` x (pool_size // calib_steps) samples of each (QD's cali_n)."""
+    """The shared pool: the ``pool_steps`` x (pool_size // calib_steps) samples of each (QD's cali_n).
+
+    ``pool_size`` is the method recipe's ``options.pool_size`` where it sets one (SD: TFMQ-DM keeps all 50
+    steps, 12,800 entries; Q-Diffusion 25 steps, 6,400), else ``recon.pool_size``. With guidance every
+    trajectory gives two entries per step (c and uc), so a step holds twice ``calib.n_trajectories``.
+    """
     rec = ctx.record
     calib_steps = int(_opt(ctx, "calib_steps", 16))
     chosen = pool_steps(rec.num_steps, calib_steps)
-    per_step = max(1, int(ctx.recon.pool_size) // min(calib_steps, rec.num_steps))
-    if per_step > rec.xs.shape[1]:
+    size = int(_opt(ctx, "pool_size", ctx.recon.pool_size) or ctx.recon.pool_size)
+    per_step = max(1, size // min(calib_steps, rec.num_steps))
+    if per_step > rec.entries_per_step:
+        guided = " (trajectories x {c, uc})" if rec.guided else ""
         raise UserError(
-            f"recon.pool_size={ctx.recon.pool_size} needs {per_step} samples per step but the calibration record "
-            f"has {rec.xs.shape[1]}. Fix: raise calib.n_trajectories or lower recon.pool_size."
+            f"a weight pool of {size} needs {per_step} samples per step but the calibration record has "
+            f"{rec.entries_per_step}{guided}. Fix: raise calib.n_trajectories or lower recon.pool_size."
         )
     return rec.pool(steps=chosen, per_step=per_step)
 
@@ -194,7 +201,8 @@ def tfmq(ctx: MethodContext) -> MethodResult:
         else:
             table_qs = every
         info.update(fsc_stage(qmodel, by_step, rec.num_steps, table_qs, int(_opt(ctx, "fsc_init_samples", 16)),
-                              int(_opt(ctx, "fsc_batch_size", 16)), float(_opt(ctx, "fsc_momentum", 0.95)), ctx.seed))
+                              int(_opt(ctx, "fsc_batch_size", 16)), float(_opt(ctx, "fsc_momentum", 0.95)), ctx.seed,
+                              max_batch=int(_opt(ctx, "fsc_max_batch", 1))))
         info["fsc_scope"] = scope
     set_quant_state(qmodel, weight=True, act=recipe.act.enabled)
     t2 = time.perf_counter()

@@ -49,6 +49,7 @@ class UniformQuantizer(nn.Module):
         self.n_bits, self.per_channel, self.init, self.ema = int(n_bits), per_channel, init, ema
         self.p, self.always_zero, self.symmetric, self.momentum = p, always_zero, symmetric, momentum
         self.enabled = enabled
+        self.groups = 0  # > 0: FSC of that many steps in one forward (``_grouped_forward``)
         self.observing = False
         self.running_stat = False
         self.rounding = "nearest"
@@ -89,18 +90,24 @@ class UniformQuantizer(nn.Module):
 
     def init_range(self, x: torch.Tensor) -> None:
         """Set (scale, zero_point) from ``x`` by the ``init`` rule; keep the raw extremes for a later EMA."""
+        self.x_min, self.x_max, self.scale, self.zero_point = self._init_params(x)
+
+    def _init_params(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x_min, x_max, scale, zero_point) the ``init`` rule gives on ``x``, without changing the state."""
         lo, hi = self._extremes(x)
-        self.x_min, self.x_max = lo.clone(), hi.clone()
         if self.init == "lp" and not self.symmetric:
             s, z = F.lp_search_params(
                 x, self.n_bits, self.p, per_channel=self.per_channel, always_zero=self.always_zero
             )
-            self.scale, self.zero_point = self._shape(x, s), self._shape(x, z)
-        elif self.init == "max" or (self.init == "lp" and self.symmetric):
+            return lo.clone(), hi.clone(), self._shape(x, s), self._shape(x, z)
+        if self.init == "max" or (self.init == "lp" and self.symmetric):
             # a symmetric Lp search is inconsistent in QD (§9 Q5) and unused by its recipes: 'max' instead
-            self.scale, self.zero_point = F.qdiff_max_params(lo, hi, self.n_bits, self.always_zero, self.symmetric)
+            s, z = F.qdiff_max_params(lo, hi, self.n_bits, self.always_zero, self.symmetric)
+        elif self.ema == "raw" and self.running_stat:
+            s, z = F.raw_range_params(lo, hi, self.n_bits, self.always_zero, self.symmetric)
         else:
-            self._set_from_extremes()
+            s, z = F.minmax_params(lo, hi, self.n_bits, self.always_zero, self.symmetric)
+        return lo.clone(), hi.clone(), s, z
 
     def _set_from_extremes(self) -> None:
         if self.ema == "raw" and self.running_stat:
@@ -108,6 +115,17 @@ class UniformQuantizer(nn.Module):
         else:
             s, z = F.minmax_params(self.x_min, self.x_max, self.n_bits, self.always_zero, self.symmetric)
         self.scale, self.zero_point = s, z
+
+    def _update_from(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """A later calibration batch with extremes (lo, hi): EMA, or widening for 'minmax'."""
+        if self.running_stat:
+            self.x_min = F.ema(self.x_min, lo, self.momentum)
+            self.x_max = F.ema(self.x_max, hi, self.momentum)
+        elif self.init == "minmax":
+            self.x_min, self.x_max = torch.minimum(self.x_min, lo), torch.maximum(self.x_max, hi)
+        else:
+            return
+        self._set_from_extremes()
 
     def observe(self, x: torch.Tensor) -> None:
         """One calibration batch: the first initialises (``init``), later ones update the range.
@@ -119,15 +137,30 @@ class UniformQuantizer(nn.Module):
         if not self.initialized:
             self.init_range(x)
             return
-        lo, hi = self._extremes(x)
-        if self.running_stat:
-            self.x_min = F.ema(self.x_min, lo, self.momentum)
-            self.x_max = F.ema(self.x_max, hi, self.momentum)
-        elif self.init == "minmax":
-            self.x_min, self.x_max = torch.minimum(self.x_min, lo), torch.maximum(self.x_max, hi)
-        else:
-            return
-        self._set_from_extremes()
+        self._update_from(*self._extremes(x))
+
+    # -- grouped calibration (FSC of several steps in one forward) ----------------------------
+    def _grouped_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrate and fake-quantize ``groups`` equal, contiguous slices of the batch separately.
+
+        Slice g (one sampling step's samples) gets exactly what ``observe`` + ``forward`` do to it alone:
+        per-slice init, EMA and (scale, z), held as (G,) vectors. Every tensor a UNet quantizes keeps
+        the batch as its leading dimension (attention heads as B * heads), so the slices stay contiguous.
+        """
+        g = self.groups
+        if x.shape[0] % g:
+            raise RuntimeError(f"grouped calibration: batch {x.shape[0]} is not {g} equal step slices")
+        parts = x.reshape(g, x.shape[0] // g, *x.shape[1:])
+        flat = x.reshape(g, -1)
+        if self.observing:
+            if not self.initialized:
+                lo, hi, s, z = (torch.stack(v) for v in zip(*(self._init_params(p) for p in parts), strict=True))
+                self.x_min, self.x_max, self.scale, self.zero_point = lo, hi, s, z
+            else:
+                self._update_from(flat.detach().amin(1), flat.detach().amax(1))
+        elif self.scale.shape != (g,):
+            raise RuntimeError("grouped calibration needs the quantizer to observe first")
+        return F.fake_quant(flat, self.scale[:, None], self.zero_point[:, None], self.qmin, self.qmax).reshape(x.shape)
 
     # -- per-step tables (FSC) -----------------------------------------------------------------
     def set_step_tables(self, scales: torch.Tensor, zero_points: torch.Tensor) -> None:
@@ -175,6 +208,8 @@ class UniformQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.groups:
+            return self._grouped_forward(x)
         if self.observing:
             self.observe(x)
         elif not self.initialized and not self.has_step_tables:

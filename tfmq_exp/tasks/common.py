@@ -140,7 +140,7 @@ def calib_record(cfg: DictConfig, model: LoadedModel, sampler: Sampler) -> tuple
     from tfmq_exp.tasks.conditioning import conditioning_for, conditioning_key
 
     c = cfg.calib
-    cond, info = conditioning_for(cfg, model, int(c.n_trajectories), int(c.seed))
+    cond, info = conditioning_for(cfg, model, int(c.n_trajectories), int(c.seed), classes=c.get("classes"))
     key = {
         "model": model_identity(cfg, model),
         "sampler": sampler.describe(),

@@ -72,8 +72,11 @@ def encode_prompts(model: Any, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def conditioning_for(cfg: DictConfig, model: Any, n: int, seed: int) -> tuple[Conditioning | None, dict[str, Any]]:
-    """The contexts of samples 0..n-1 and what they are (labels or prompts), or (None, {}) unconditionally."""
+def conditioning_for(cfg: DictConfig, model: Any, n: int, seed: int,
+                     classes: Any = None) -> tuple[Conditioning | None, dict[str, Any]]:
+    """The contexts of samples 0..n-1 and what they are (labels or prompts), or (None, {}) unconditionally.
+
+    ``classes`` replaces ``dataset.classes`` (the calibration record's own classes, ``calib.classes``)."""
     kind = str(cfg.dataset.get("conditioning", "none"))
     scale = float(cfg.sampler.get("guidance", 1.0))
     if kind == "none":
@@ -91,7 +94,7 @@ def conditioning_for(cfg: DictConfig, model: Any, n: int, seed: int) -> tuple[Co
         emb = getattr(model, "class_embedder", None)
         if emb is None:
             raise UserError(f"model '{model.name}' has no class embedder. Fix: use dataset.conditioning=text.")
-        classes = list(cfg.dataset.get("classes") or range(int(emb.n_classes)))
+        classes = list(classes or cfg.dataset.get("classes") or range(int(emb.n_classes)))
         bad = [c for c in classes if not 0 <= int(c) < int(emb.n_classes)]
         if bad:
             raise UserError(f"class id {bad[0]} is out of range: model '{model.name}' knows classes "

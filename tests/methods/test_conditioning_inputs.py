@@ -41,6 +41,32 @@ def test_classes_in_turn_and_the_null_context():
     latents = torch.zeros(2, 4, 7, 7)
     images = to_images(model, latents)
     assert images.shape == (2, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    # the calibration record's own classes (calib.classes) replace dataset.classes
+    cfg = compose_cfg("model=mnist_ldm", "dataset.classes=[3,7]", "calib.classes=[0,5,9]")
+    _, info = conditioning_for(cfg, model, 7, seed=0, classes=cfg.calib.classes)
+    assert info["labels"] == [0, 5, 9, 0, 5, 9, 0]
+
+
+def test_a_guided_weight_pool_counts_both_entries_of_each_trajectory():
+    from omegaconf import OmegaConf
+
+    from tfmq_exp.diffusion.calib_pool import CalibRecord
+    from tfmq_exp.methods.base import MethodContext
+    from tfmq_exp.methods.reconstruction import weight_pool
+
+    rec = CalibRecord(xs=torch.zeros(4, 3, 1, 2, 2), ts=torch.tensor([9, 6, 3, 1]),
+                      contexts=torch.zeros(4, 1, 2), guided=True)
+
+    def ctx(pool_size, options):
+        return MethodContext(fp_unet=None, record=rec, quantizer=OmegaConf.create({"options": options}),
+                             calib=None, recon=OmegaConf.create({"pool_size": pool_size}), trainer=None, seed=0)
+
+    pool = weight_pool(ctx(24, {"calib_steps": 4}))  # 6 entries per step = 3 trajectories x {c, uc}
+    assert len(pool) == 24 and pool.ctx_idx[:6].tolist() == [0, 3, 1, 3, 2, 3]
+    assert len(weight_pool(ctx(8, {"calib_steps": 4, "pool_size": 12}))) == 12  # the recipe's size wins
+    with pytest.raises(UserError, match=r"a weight pool of 28 needs 7 samples per step but the calibration record "
+                                        r"has 6 \(trajectories x \{c, uc\}\)"):
+        weight_pool(ctx(28, {"calib_steps": 4}))
 
 
 def test_bad_conditioning_is_one_clear_error(tmp_path):

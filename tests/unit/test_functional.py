@@ -58,6 +58,24 @@ def test_lp_search_picks_best_of_80_candidates():
     assert s.item() == pytest.approx(expect.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("numel", [3000, 600_000])  # several candidates per chunk / one at a time, in place
+def test_lp_search_choice_is_exactly_the_fake_quant_loop(numel):
+    torch.manual_seed(2)
+    x = torch.randn(numel) ** 3
+    s, z = F.lp_search_params(x, 8, p=2.4)
+    lo, hi = x.min(), x.max()
+    errs, params = [], []
+    for i in range(80):
+        r = torch.tensor(1.0 - 0.01 * i)
+        m, mx = lo * r, hi * r
+        sc = torch.clamp((mx - m) / 255, min=F.MIN_SCALE)
+        zp = torch.round(-m / sc)
+        errs.append((F.fake_quant(x, sc, zp, 0, 255) - x).abs().pow(2.4).mean())
+        params.append((sc, zp))
+    best = int(torch.stack(errs).argmin())
+    assert torch.equal(s, params[best][0]) and torch.equal(z, params[best][1])
+
+
 def test_lp_search_per_channel_is_independent():
     torch.manual_seed(1)
     w = torch.randn(3, 4, 3, 3) * torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1, 1)

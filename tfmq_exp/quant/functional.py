@@ -99,10 +99,12 @@ def lp_search_params(
     flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     qmin, qmax = qrange(n_bits)
-    # every candidate at once, in chunks that keep (chunk, rows, N) around 4M elements: the same
-    # arithmetic per candidate as a loop, without 80 rounds of Python overhead per quantizer
+    # several candidates at once, in chunks that keep (chunk, rows, N) around 1M elements (small
+    # tensors: no 80 rounds of Python overhead; large ones: one candidate at a time, in place, which
+    # halves the time of this search on a CPU). Every operation is fake_quant's, in its order, so the
+    # errors are bit-identical to fake_quant(x) - x.
     ratios = torch.tensor([1.0 - 0.01 * i for i in range(n_candidates)], dtype=flat.dtype, device=flat.device)
-    chunk = max(1, (1 << 22) // max(1, flat.numel()))
+    chunk = max(1, (1 << 20) // max(1, flat.numel()))
     scales, zps, errs = [], [], []
     for r in ratios.split(chunk):
         m, mx = lo[None, :] * r[:, None], hi[None, :] * r[:, None]
@@ -112,8 +114,11 @@ def lp_search_params(
         else:
             scale = torch.clamp((mx - m) / (2**n_bits - 1), min=MIN_SCALE)
             zp = torch.round(-m / scale)
-        q = fake_quant(flat[None], scale[..., None], zp[..., None], qmin, qmax)
-        errs.append((q - flat[None]).abs().pow(p).mean(dim=-1))
+        s3, z3 = scale[..., None], zp[..., None]
+        t = flat[None] / s3
+        err = t.round()  # round_ste's forward value: (round(t) - t) + t
+        err.sub_(t).add_(t).add_(z3).clamp_(qmin, qmax).sub_(z3).mul_(s3).sub_(flat[None]).abs_().pow_(p)
+        errs.append(err.mean(dim=-1))
         scales.append(scale)
         zps.append(zp)
     best = torch.cat(errs).argmin(dim=0)  # the first candidate with the smallest error

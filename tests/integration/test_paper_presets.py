@@ -20,6 +20,8 @@ from tfmq_exp.config import register_configs, validate_config
 from tfmq_exp.diffusion.calib_pool import CalibRecord
 from tfmq_exp.diffusion.sampling import ddim_timesteps
 from tfmq_exp.methods.reconstruction import weight_pool
+from tfmq_exp.models.convert.class_embedder import ClassEmbedder
+from tfmq_exp.tasks.conditioning import conditioning_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -45,15 +47,22 @@ def every(step: int, n: int) -> list[int]:
     return list(range(0, n, step))
 
 
+def effective_pool_size(cfg) -> int:
+    """What reconstruction.weight_pool takes: the recipe's quantizer.options.pool_size, else recon.pool_size."""
+    return int(OmegaConf.select(cfg.quantizer, "options.pool_size") or cfg.recon.pool_size)
+
+
 # short name -> what the paper's table (docs/methods.md §10.1, §4.5; docs/presets.md) asks for.
-# pool: method -> (entries, steps kept, trajectories used); paper: TFMQ-DM's published value per bits
+# guided: classifier-free guidance, every trajectory gives two entries per step ({c, uc});
+# pool: method -> (effective entries, steps kept, trajectories used); paper: TFMQ-DM's published value per bits
 EXPECTED = {
     "cifar10": {
         "model": "ddim_cifar10", "seed": 1234, "steps_run": 100,
         "sampler": {"kind": "ddim", "steps": 100, "eta": 0.0, "skip": "quad", "guidance": 1.0,
                     "timestep_offset": 0, "final_alpha_one": True, "uniform_steps": "exact", "clip_x0": False},
         "dataset": {"name": "cifar10", "conditioning": "none", "resolution": 32},
-        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 5, "seed": 1234},
+        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 5, "seed": 1234,
+                  "classes": None},
         "recon": {**RECON, "pool_size": 5120},
         "evaluator": {"n_samples": 50000, "metrics": ["fid", "sfid", "is"]},
         "pool": dict.fromkeys(METHODS, (5120, every(5, 100), 256)),
@@ -69,7 +78,7 @@ EXPECTED = {
         "model": "ldm_bedroom", "seed": 40, "steps_run": 200,
         "sampler": {**LDM_DDIM, "steps": 200, "eta": 1.0},
         "dataset": {"name": "lsun_bedroom", "kind": "adm_npz", "conditioning": "none", "resolution": 256},
-        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 10, "seed": 40},
+        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 10, "seed": 40, "classes": None},
         "recon": {**RECON, "pool_size": 5120},
         "evaluator": UNCOND_EVAL,
         "pool": dict.fromkeys(METHODS, (5120, every(10, 200), 256)),
@@ -85,7 +94,7 @@ EXPECTED = {
         "model": "ldm_churches", "seed": 40, "steps_run": 500,
         "sampler": {**LDM_DDIM, "steps": 400, "eta": 0.0, "uniform_steps": "stride"},
         "dataset": {"name": "lsun_churches", "conditioning": "none", "resolution": 256},
-        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 25, "seed": 40},
+        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 25, "seed": 40, "classes": None},
         "recon": {**RECON, "pool_size": 5120},
         "evaluator": UNCOND_EVAL,
         "pool": dict.fromkeys(METHODS, (5120, every(25, 500), 256)),
@@ -101,7 +110,7 @@ EXPECTED = {
         "model": "ldm_celebahq", "seed": 40, "steps_run": 200,
         "sampler": {**LDM_DDIM, "steps": 200, "eta": 0.0},
         "dataset": {"name": "celebahq", "conditioning": "none", "resolution": 256},
-        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 10, "seed": 40},
+        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 10, "seed": 40, "classes": None},
         "recon": {**RECON, "pool_size": 5120},
         "evaluator": UNCOND_EVAL,
         "pool": dict.fromkeys(METHODS, (5120, every(10, 200), 256)),
@@ -116,7 +125,7 @@ EXPECTED = {
         "model": "ldm_ffhq", "seed": 40, "steps_run": 200,
         "sampler": {**LDM_DDIM, "steps": 200, "eta": 1.0},
         "dataset": {"name": "ffhq", "conditioning": "none", "resolution": 256},
-        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 10, "seed": 40},
+        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 10, "seed": 40, "classes": None},
         "recon": {**RECON, "pool_size": 5120},
         "evaluator": UNCOND_EVAL,
         "pool": dict.fromkeys(METHODS, (5120, every(10, 200), 256)),
@@ -128,12 +137,13 @@ EXPECTED = {
         "paper": {"w4a32": "TFMQ-DM 9.89 / 9.06", "w8a8": "TFMQ-DM 9.46 / 8.73", "w4a8": "TFMQ-DM 9.97 / 9.14"},
     },
     "imagenet": {
-        # 512 entries per step = 256 trajectories x {class, null class}; 512 recorded (see the preset's note)
-        "model": "ldm_cin256", "seed": 40, "steps_run": 20,
+        # 512 entries per step = 256 trajectories x {class, null class}; 32 classes 0, 32, ..., 992 x 8 trajectories
+        "model": "ldm_cin256", "seed": 40, "steps_run": 20, "guided": True,
         "sampler": {**LDM_DDIM, "steps": 20, "eta": 0.0, "guidance": 3.0},
         "dataset": {"name": "imagenet", "kind": "adm_npz", "conditioning": "class", "classes": None,
                     "resolution": 256},
-        "calib": {"n_trajectories": 512, "per_step": 512, "step_every": 1, "seed": 40},
+        "calib": {"n_trajectories": 256, "per_step": 512, "step_every": 1, "seed": 40,
+                  "classes": list(range(0, 1000, 32))},
         "recon": {**RECON, "batch_size": 8, "pool_size": 10240},
         "evaluator": {"n_samples": 50000, "metrics": ["is", "fid", "sfid"], "save_npz": True},
         "pool": dict.fromkeys(METHODS, (10240, every(1, 20), 256)),
@@ -149,22 +159,23 @@ EXPECTED = {
                   "w4a8": "TFMQ-DM 221.82 / 10.29 / 7.35"},
     },
     "sd": {
-        # 256 entries per step = 128 prompts x {caption, empty}; the pool size is the method's
-        "model": "sd14", "seed": 40, "steps_run": 50,
+        # 256 entries per step = 128 prompts x {caption, empty}; recon.pool_size is Q-Diffusion's 6,400, the tfmq
+        # and brecq recipes set options.pool_size 12,800, which weight_pool reads in its place
+        "model": "sd14", "seed": 40, "steps_run": 50, "guided": True,
         "sampler": {"kind": "plms", "steps": 50, "eta": 0.0, "skip": "uniform", "guidance": 7.5,
                     "timestep_offset": 1, "final_alpha_one": False, "uniform_steps": "exact", "clip_x0": False},
         "dataset": {"name": "coco", "conditioning": "text", "prompts": None, "resolution": 512},
-        "calib": {"n_trajectories": 256, "per_step": 256, "step_every": 1, "seed": 40},
-        "recon": {"iters": 20000, "batch_size": 8, "act_iters": 5000},
+        "calib": {"n_trajectories": 128, "per_step": 256, "step_every": 1, "seed": 40, "classes": None},
+        "recon": {**RECON, "batch_size": 8, "pool_size": 6400},
         "evaluator": {"n_samples": 30000, "metrics": ["fid", "sfid", "clip"], "save_npz": True},
         "pool": {"tfmq": (12800, every(1, 50), 128), "qdiff": (6400, every(2, 50), 128),
                  "brecq": (12800, every(1, 50), 128)},
         "recipe": {
-            "tfmq": {**TFMQ, "options.calib_steps": 50, "options.fsc_per_step": 256},
+            "tfmq": {**TFMQ, "options.calib_steps": 50, "options.fsc_per_step": 256, "options.pool_size": 12800},
             "qdiff": {"weight.init": "lp", "act.init": "lp", "act.symmetric": False, "act_calib_samples": 16,
                       "options.calib_steps": 25, "options.softmax_bits": 16, "options.split_shortcut": True,
-                      "options.running_stat": True, "options.running_stat_batch": 16},
-            "brecq": {**BRECQ, "options.calib_steps": 50},
+                      "options.running_stat": True, "options.running_stat_batch": 16, "options.pool_size": None},
+            "brecq": {**BRECQ, "options.calib_steps": 50, "options.pool_size": 12800},
         },
         "paper": {"w4a32": "TFMQ-DM 13.21 / 19.03 / 0.3144", "w8a8": "TFMQ-DM 13.09 / 19.91 / 0.3134",
                   "w4a8": "TFMQ-DM 13.36 / 20.14 / 0.3128"},
@@ -223,8 +234,7 @@ def test_preset_sets_the_table_protocol_and_the_method_recipe(composed, preset, 
     for key, want in exp["recipe"][method].items():
         got = OmegaConf.select(cfg.quantizer, key)
         assert got == want, f"{preset} {method}: quantizer.{key} = {got!r}, expected {want!r}"
-    pool_size = exp["pool"][method][0]
-    assert cfg.recon.pool_size == pool_size
+    assert effective_pool_size(cfg) == exp["pool"][method][0]
 
 
 @pytest.mark.parametrize(("preset", "method"), CASES, ids=[f"{p}-{m}" for p, m in CASES])
@@ -247,17 +257,42 @@ def test_the_method_code_builds_the_official_weight_pool(composed, preset, metho
     assert len(ts) == exp["steps_run"]
     n = int(cfg.calib.n_trajectories)
     xs = torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(len(ts), n, 1)  # value = trajectory index
-    guided = cfg.dataset.conditioning != "none" and float(s.guidance) != 1.0
-    rec = CalibRecord(xs=xs, ts=torch.tensor(ts), guided=guided)
+    guided = cfg.dataset.conditioning != "none" and float(s.guidance) != 1.0  # as Conditioning.guided
+    assert guided == exp.get("guided", False)
+    # conditional: one context per trajectory (value = its index), the null context last (row n)
+    contexts = torch.arange(n + 1, dtype=torch.float32).view(n + 1, 1, 1) if guided else None
+    rec = CalibRecord(xs=xs, ts=torch.tensor(ts), contexts=contexts, guided=guided)
+    assert rec.entries_per_step == n * (2 if guided else 1)
     pool = weight_pool(SimpleNamespace(record=rec, quantizer=cfg.quantizer, recon=cfg.recon))
     size, steps, trajectories = exp["pool"][method]
+    assert effective_pool_size(cfg) == size
     assert len(pool) == size
     assert sorted(set(pool.step.tolist())) == steps
     assert int(pool.x.max()) + 1 == trajectories
+    if guided:  # entries interleaved (trajectory, null) per step: half with c, half with uc, same trajectories
+        null = pool.ctx_idx == n
+        assert int(null.sum()) == size // 2
+        assert int(pool.ctx_idx[~null].max()) + 1 == trajectories
+        assert torch.equal(pool.ctx_idx[~null].float(), pool.x[~null].flatten())
     if method == "tfmq":  # FSC: every step's table from the first fsc_per_step entries
         per = int(cfg.quantizer.options.fsc_per_step)
         one = rec.pool(steps=[len(ts) - 1], per_step=per)
         assert len(one) == per and int(one.x.max()) + 1 == trajectories
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_imagenet_calibrates_on_the_official_32_classes(composed, bits):
+    """calib.classes: trajectory i gets classes[i % 32], 8 trajectories per class; evaluation keeps every class."""
+    cfg = composed[(f"imagenet_{bits}", "tfmq")]
+    assert cfg.dataset.classes is None
+    model = SimpleNamespace(name="ldm_cin256", unet=torch.nn.Identity(), class_embedder=ClassEmbedder(1001, 4))
+    cond, info = conditioning_for(cfg, model, int(cfg.calib.n_trajectories), int(cfg.calib.seed),
+                                  classes=cfg.calib.classes)
+    labels = info["labels"]
+    assert labels[:33] == [*range(0, 1000, 32), 0]
+    assert sorted(set(labels)) == list(range(0, 1000, 32))
+    assert all(labels.count(c) == 8 for c in range(0, 1000, 32))
+    assert cond.guided and cond.context.shape[0] == 256
 
 
 def test_churches_runs_the_500_steps_of_the_official_code():

@@ -226,6 +226,8 @@ QUANTIZER_OPTION_RULES = {
     "softmax_bits": (between(2, 16), True, False),
     "fsc_scope": (choice("all", "tib"), False, False),
     "unit_order": (choice("forward", "registration"), False, False),
+    "pool_size": (positive(), True, True),  # a method's own weight-pool size (overrides recon.pool_size)
+    "fsc_max_batch": (positive(), True, False),
 }
 
 

@@ -74,8 +74,10 @@ def test_bad_conditioning_is_one_clear_error(tmp_path):
     ldm = load_model(ldm_cfg.model)
     with pytest.raises(UserError, match="is conditional but dataset.conditioning=none. Fix"):
         conditioning_for(ldm_cfg, ldm, 4, 0)
-    with pytest.raises(UserError, match="class id 12 is out of range.*0..9. Fix"):
+    with pytest.raises(UserError, match="class id 12 is out of range.*0..9. Fix: set dataset.classes"):
         conditioning_for(compose_cfg("model=mnist_ldm", "dataset.classes=[1,12]"), ldm, 4, 0)
+    with pytest.raises(UserError, match="class id 10 is out of range.*0..9. Fix: set calib.classes"):
+        conditioning_for(compose_cfg("model=mnist_ldm"), ldm, 4, 0, classes=[10])
     pixel_cfg = compose_cfg("sampler.guidance=2")
     with pytest.raises(UserError, match="sampler.guidance=2.0 needs a conditional model.*Fix: set sampler.guidance=1"):
         conditioning_for(pixel_cfg, load_model(pixel_cfg.model), 4, 0)

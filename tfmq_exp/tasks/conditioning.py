@@ -94,11 +94,12 @@ def conditioning_for(cfg: DictConfig, model: Any, n: int, seed: int,
         emb = getattr(model, "class_embedder", None)
         if emb is None:
             raise UserError(f"model '{model.name}' has no class embedder. Fix: use dataset.conditioning=text.")
+        field = "calib.classes" if classes else "dataset.classes"
         classes = list(classes or cfg.dataset.get("classes") or range(int(emb.n_classes)))
         bad = [c for c in classes if not 0 <= int(c) < int(emb.n_classes)]
         if bad:
             raise UserError(f"class id {bad[0]} is out of range: model '{model.name}' knows classes "
-                            f"0..{int(emb.n_classes) - 1}. Fix: set dataset.classes to ids in that range.")
+                            f"0..{int(emb.n_classes) - 1}. Fix: set {field} to ids in that range.")
         labels = [int(classes[i % len(classes)]) for i in range(n)]
         context = emb(torch.tensor(labels)).float().cpu()
         null = emb(torch.tensor([int(emb.null_class)])).float().cpu()

@@ -115,9 +115,11 @@ def lp_search_params(
             scale = torch.clamp((mx - m) / (2**n_bits - 1), min=MIN_SCALE)
             zp = torch.round(-m / scale)
         s3, z3 = scale[..., None], zp[..., None]
-        t = flat[None] / s3
-        err = t.round()  # round_ste's forward value: (round(t) - t) + t
-        err.sub_(t).add_(t).add_(z3).clamp_(qmin, qmax).sub_(z3).mul_(s3).sub_(flat[None]).abs_().pow_(p)
+        # fake_quant's value in fewer passes, bit for bit: round_ste's (round(t) - t) + t is exactly round(t)
+        # (r - t is exact by Sterbenz' lemma, or r = 0), and on integer-valued floats clamp(r + z, lo, hi) - z
+        # is exactly clamp(r, lo - z, hi - z)
+        err = torch.div(flat[None], s3).round_()
+        err.clamp_(qmin - z3, qmax - z3).mul_(s3).sub_(flat[None]).abs_().pow_(p)
         errs.append(err.mean(dim=-1))
         scales.append(scale)
         zps.append(zp)

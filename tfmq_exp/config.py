@@ -224,7 +224,7 @@ QUANTIZER_OPTION_RULES = {
     "fsc_batch_size": (positive(), True, False),
     "fsc_momentum": (between(0, 1, hi_open=True), False, False),
     "softmax_bits": (between(2, 16), True, False),
-    "fsc_scope": (choice("all", "tib"), False, False),
+    "fsc_scope": (choice("all", "tib", "none"), False, False),
     "unit_order": (choice("forward", "registration"), False, False),
     "pool_size": (positive(), True, True),  # a method's own weight-pool size (overrides recon.pool_size)
     "fsc_max_batch": (positive(), True, False),

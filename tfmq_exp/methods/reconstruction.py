@@ -172,26 +172,41 @@ def qdiff(ctx: MethodContext) -> MethodResult:
 @register("tfmq")
 def tfmq(ctx: MethodContext) -> MethodResult:
     """TFMQ-DM (§5): TIAR on the TIB, AdaRound of the data blocks without the temporal projections,
-    then FSC per-step activation tables (scope 'all' as the official code, or 'tib' as the paper)."""
+    then FSC per-step activation tables (scope 'all' as the official code, or 'tib' as the paper).
+
+    Ablations: ``options.tiar=false`` reconstructs the temporal layers as the baselines do (the time MLP as
+    single layers first, each ``time_emb_proj`` inside its block); ``options.fsc_scope=none`` gives every
+    activation quantizer one range over all steps (Lp init, then the EMA over the whole pool), no tables.
+    """
     t0 = time.perf_counter()
     su = _prepare(ctx, "tfmq", split=False, quant_attention=False)
     qmodel, fp, recipe, pool, s, runner = su.qmodel, su.fp, su.recipe, su.pool, su.settings, su.runner
     temporal = adapters.temporal_layer_names(qmodel)
-    reports = [tiar_stage(qmodel, fp, temporal, pool.t, s, runner, ctx.seed, adapters.tib_features)]
     units = units_of(ctx, qmodel)
-    reports += weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, exclude=set(temporal),
-                            cache_on=str(ctx.recon.cache_on))
+    if bool(_opt(ctx, "tiar", True)):
+        reports = [tiar_stage(qmodel, fp, temporal, pool.t, s, runner, ctx.seed, adapters.tib_features)]
+        reports += weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, exclude=set(temporal),
+                                cache_on=str(ctx.recon.cache_on))
+    else:
+        temb = [n for n in temporal if not n.endswith("time_emb_proj")]
+        reports = weight_stage(qmodel, fp, _layer_units(qmodel, temb) + units, pool, s, runner, ctx.seed,
+                               cache_on=str(ctx.recon.cache_on))
     t1 = time.perf_counter()
     info: dict[str, Any] = {"pool_size": len(pool), "pool_steps": sorted(set(pool.step.tolist()))}
     if recipe.act.enabled:
         scope = str(_opt(ctx, "fsc_scope", "all"))
-        if scope not in ("all", "tib"):
-            raise UserError(f"quantizer.options.fsc_scope={scope} is unknown. Fix: use 'all' (official code) or 'tib'.")
+        if scope not in ("all", "tib", "none"):
+            raise UserError(f"quantizer.options.fsc_scope={scope} is unknown. Fix: use 'all' (official code), 'tib' "
+                            "(the paper) or 'none' (one range per quantizer, the ablation).")
         rec = ctx.record
         per_step = int(_opt(ctx, "fsc_per_step", 256))
         by_step = {k: rec.pool(steps=[k], per_step=per_step) for k in range(rec.num_steps)}
         every = all_act_quantizers(qmodel)
-        if scope == "tib":
+        if scope == "none":
+            init_activations(qmodel, rec.pool(1, per_step), int(_opt(ctx, "fsc_init_samples", 16)), ctx.seed, True,
+                             int(_opt(ctx, "fsc_batch_size", 16)))
+            table_qs = []
+        elif scope == "tib":
             names = set(temporal)
             mods = dict(quant_modules(qmodel))
             table_qs = [q for n in names if n in mods and mods[n].allow_input_quant for q in mods[n].input_quantizers()]
@@ -200,10 +215,12 @@ def tfmq(ctx: MethodContext) -> MethodResult:
                              int(_opt(ctx, "fsc_batch_size", 16)))
         else:
             table_qs = every
-        info.update(fsc_stage(qmodel, by_step, rec.num_steps, table_qs, int(_opt(ctx, "fsc_init_samples", 16)),
-                              int(_opt(ctx, "fsc_batch_size", 16)), float(_opt(ctx, "fsc_momentum", 0.95)), ctx.seed,
-                              max_batch=int(_opt(ctx, "fsc_max_batch", 1))))
+        if table_qs:
+            info.update(fsc_stage(qmodel, by_step, rec.num_steps, table_qs, int(_opt(ctx, "fsc_init_samples", 16)),
+                                  int(_opt(ctx, "fsc_batch_size", 16)), float(_opt(ctx, "fsc_momentum", 0.95)),
+                                  ctx.seed, max_batch=int(_opt(ctx, "fsc_max_batch", 1))))
         info["fsc_scope"] = scope
+    info["tiar"] = bool(_opt(ctx, "tiar", True))
     set_quant_state(qmodel, weight=True, act=recipe.act.enabled)
     t2 = time.perf_counter()
     qmodel.cpu()

@@ -200,6 +200,7 @@ class Config:
     n_grid: int = field(default=8, metadata=positive())  # samples.png columns (FP row above quantized row)
     n_compare: int = field(default=64, metadata=positive())  # samples compared with FP's from the same noise
     traceback: bool = False  # show the traceback of a user error
+    resume: Any = "auto"  # auto (under Slurm) | true | false: continue a killed run from its last finished unit
     backend: str = field(default="torch", metadata=choice("torch", "openvino"))  # task=sample: who runs the UNet
     export: ExportConfig = field(default_factory=ExportConfig)
 

@@ -14,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def config_signature(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus where things are written: equal configs, equal signature."""
+    """Hash of the resolved config minus where things are written and how the run is watched or resumed:
+    equal configs, equal signature."""
     d = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "traceback"):
+    for key in ("paths", "traceback", "resume", "logger"):
         d.pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -27,6 +27,7 @@ class MethodContext:
     seed: int
     family: str | None = None  # model.family: checked against the model; None = inferred from its class
     origin: str = "ddim"  # the original code base's conventions: ddim | ldm | sd (model.origin)
+    checkpoint: Any = None  # tfmq_exp.recon.resume.UnitCheckpoint: resume from the last finished unit
 
 
 @dataclass

@@ -105,18 +105,23 @@ def weight_quantizers_of(layers: list[QuantMixin]) -> list[UniformQuantizer]:
 def weight_stage(
     qmodel: nn.Module, fp_model: nn.Module, units: list[Any], pool: CalibPool, s: ReconSettings,
     runner: FabricRunner, seed: int, exclude: set[str] = frozenset(), cache_batch: int = 32,
-    cache_on: str = "device",
+    cache_on: str = "device", checkpoint: Any = None,
 ) -> list[dict[str, Any]]:
     """AdaRound every unit; layers in ``exclude`` keep their current rounding (e.g. TIAR's).
 
     ``cache_on``: keep a unit's cached inputs/targets on the compute device ("device", fast) or in
     host memory ("host", copied per mini-batch: Q-Diffusion's policy, for caches that do not fit).
+    ``checkpoint`` (a ``UnitCheckpoint``): units it has finished are skipped (their roundings were
+    restored into ``qmodel``), and each unit finished here is recorded.
     """
     set_quant_state(qmodel, weight=True, act=False)
     fp_modules = dict(fp_model.named_modules())
     reports = []
     dev = runner.device
     for i, unit in enumerate(tqdm(units, desc="weight stage (units)", mininterval=2.0)):
+        if checkpoint is not None and unit.name in checkpoint.done:
+            reports.append(checkpoint.done[unit.name])
+            continue
         layers = [m for n, m in quant_modules(unit.module) if f"{unit.name}.{n}".rstrip(".") not in exclude]
         if isinstance(unit.module, QuantMixin) and unit.name not in exclude:
             layers = [unit.module]
@@ -138,6 +143,8 @@ def weight_stage(
         reports.append({"unit": unit.name, "kind": unit.kind, "stage": "weight", **rep})
         log.info("unit %-40s loss %.4g -> %.4g (%.1f s)", unit.name, rep["loss_before"], rep["loss_after"],
                  rep["wall_s"])
+        if checkpoint is not None and runner.is_main:
+            checkpoint.record(qmodel, unit.name, reports[-1])
     return reports
 
 

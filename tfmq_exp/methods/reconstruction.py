@@ -86,6 +86,8 @@ def _prepare(ctx: MethodContext, method: str, split: bool, quant_attention: bool
     splits = adapters.split_points(qmodel) if split else {}
     swap_modules(qmodel, recipe, splits)
     init_weight_ranges(qmodel)
+    if ctx.checkpoint is not None:
+        ctx.checkpoint.restore(qmodel)  # the roundings of the units a killed run finished
     if recipe.act.enabled and bool(_opt(ctx, "quant_attention", quant_attention)):
         a = recipe.act
         adapters.install_attention_quantizers(
@@ -142,7 +144,8 @@ def _lsq_method(ctx: MethodContext, method: str) -> MethodResult:
     units = _layer_units(qmodel, temb) + units_of(ctx, qmodel)
     if method == "brecq" and bool(_opt(ctx, "head_stem_8bit", False)):
         units = [u for u in units if u.name != "conv_in"]  # BRECQ keeps its 8-bit first layer as rounded (§3.1)
-    reports = weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on))
+    reports = weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on),
+                           checkpoint=ctx.checkpoint)
     t1 = time.perf_counter()
     if recipe.act.enabled:
         init_activations(qmodel, pool, int(ctx.quantizer.act_calib_samples), ctx.seed,
@@ -183,14 +186,21 @@ def tfmq(ctx: MethodContext) -> MethodResult:
     qmodel, fp, recipe, pool, s, runner = su.qmodel, su.fp, su.recipe, su.pool, su.settings, su.runner
     temporal = adapters.temporal_layer_names(qmodel)
     units = units_of(ctx, qmodel)
+    ckpt = ctx.checkpoint
     if bool(_opt(ctx, "tiar", True)):
-        reports = [tiar_stage(qmodel, fp, temporal, pool.t, s, runner, ctx.seed, adapters.tib_features)]
+        tib = "temporal_information_block"
+        if ckpt is not None and tib in ckpt.done:
+            reports = [ckpt.done[tib]]
+        else:
+            reports = [tiar_stage(qmodel, fp, temporal, pool.t, s, runner, ctx.seed, adapters.tib_features)]
+            if ckpt is not None and runner.is_main:
+                ckpt.record(qmodel, tib, reports[0])
         reports += weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, exclude=set(temporal),
-                                cache_on=str(ctx.recon.cache_on))
+                                cache_on=str(ctx.recon.cache_on), checkpoint=ckpt)
     else:
         temb = [n for n in temporal if not n.endswith("time_emb_proj")]
         reports = weight_stage(qmodel, fp, _layer_units(qmodel, temb) + units, pool, s, runner, ctx.seed,
-                               cache_on=str(ctx.recon.cache_on))
+                               cache_on=str(ctx.recon.cache_on), checkpoint=ckpt)
     t1 = time.perf_counter()
     info: dict[str, Any] = {"pool_size": len(pool), "pool_steps": sorted(set(pool.step.tolist()))}
     if recipe.act.enabled:

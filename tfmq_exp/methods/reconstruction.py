@@ -86,14 +86,14 @@ def _prepare(ctx: MethodContext, method: str, split: bool, quant_attention: bool
     splits = adapters.split_points(qmodel) if split else {}
     swap_modules(qmodel, recipe, splits)
     init_weight_ranges(qmodel)
-    if ctx.checkpoint is not None:
-        ctx.checkpoint.restore(qmodel)  # the roundings of the units a killed run finished
     if recipe.act.enabled and bool(_opt(ctx, "quant_attention", quant_attention)):
         a = recipe.act
         adapters.install_attention_quantizers(
             qmodel, a.n_bits, int(_opt(ctx, "softmax_bits", 8)), False, init=a.init, symmetric=a.symmetric,
             softmax_always_zero=ctx.origin != "ddim", ema=a.ema,
         )
+    if ctx.checkpoint is not None:
+        ctx.checkpoint.restore(qmodel)  # the roundings of the units a killed run finished
     runner = runner_from(ctx.trainer)
     return Setup(qmodel.to(runner.device), ctx.fp_unet.to(runner.device), recipe, weight_pool(ctx),
                  settings_from(ctx.recon), runner)

@@ -144,11 +144,13 @@ class ReconConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
+    name: str = "none"  # none | csv | wandb (docs/tracking.md)
     project: str = "tfmq-exp"
     entity: str | None = None
     mode: str = field(default="offline", metadata=choice("offline", "online", "disabled"))
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B run group (null: the sweep folder's name in a multirun, none for a single run)
+    run_name: str | None = None  # W&B run name (null: quantizer-bits-seed, e.g. tfmq-w4a8-s0; -j<N> in a multirun)
 
 
 @dataclass

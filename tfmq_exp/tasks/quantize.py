@@ -117,7 +117,7 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "complete": True,  # written last: a results.json without it comes from an older or broken run
     }
     write_json(out / "results.json", results)
-    tracker.log({**metrics, **timings})
+    tracker.log_results(results, out, res.model if res.recipe is not None else None)  # docs/tracking.md
     tracker.finish()
     log.info(
         "%s %s: %s | timings %s",

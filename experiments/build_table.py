@@ -281,7 +281,10 @@ def collect_wandb(path: str, api: Any = None) -> Collection:
             out.skipped.append(Skip(src, "W&B config without model.name/quantizer.name/bits"))
             continue
         seed = dotted(config, "seed")
-        values = {k: numeric(v) for k, v in summary.items() if not k.startswith("_") and numeric(v) is not None}
+        # metrics with a best-value summary (define_metric summary="min"/"max") are stored as {"min": v}
+        flat = {k: (v.get("min", v.get("max", v.get("last"))) if isinstance(v, dict) else v)
+                for k, v in summary.items()}
+        values = {k: numeric(v) for k, v in flat.items() if not k.startswith("_") and numeric(v) is not None}
         out.runs.append(Run(src, str(model), str(quantizer), bits, None if seed is MISSING else seed, values, config,
                             summary, str(getattr(run, "created_at", ""))))
     return out

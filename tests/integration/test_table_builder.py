@@ -282,7 +282,8 @@ class FakeApi:
 def test_wandb_runs_group_like_folders():
     api = FakeApi([
         fake_wandb_run("1", "finished", "tfmq", 4, 8, 0, {"fid": 10.0, "quantization_s": 100.0}),
-        fake_wandb_run("2", "finished", "tfmq", 4, 8, 1, {"fid": 14.0, "quantization_s": 120.0}),
+        # a best-value summary (the tracker's define_metric summary="min") comes back as {"min": v}
+        fake_wandb_run("2", "finished", "tfmq", 4, 8, 1, {"fid": {"min": 14.0}, "quantization_s": 120.0}),
         fake_wandb_run("3", "crashed", "tfmq", 4, 8, 2, {"fid": 99.0}),
         fake_wandb_run("4", "finished", "fp", 4, 8, 0, {"fid": 8.0, "quantization_s": 0.0}),
     ])

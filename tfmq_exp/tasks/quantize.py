@@ -29,6 +29,7 @@ from tfmq_exp.tasks.common import (
 )
 from tfmq_exp.tasks.conditioning import conditioning_for, to_images
 from tfmq_exp.tasks.evaluate import active, class_metrics, evaluate_samples, samples_needed, temporal_diagnostics
+from tfmq_exp.tasks.resume_run import finished_results, unit_checkpoint
 from tfmq_exp.tracking import make_tracker
 
 log = logging.getLogger("tfmq_exp")
@@ -39,6 +40,11 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     method = get_method(cfg.quantizer.name)
     build_recipe(cfg.quantizer)  # fail fast on impossible bit widths, before any work
+    unit_ckpt = unit_checkpoint(cfg)  # resume= (tasks/resume_run.py): per-unit progress of this configuration
+    previous = finished_results(unit_ckpt)
+    if previous is not None:  # a requeued or repeated job whose configuration already finished
+        write_json(out / "already_complete.json", {"results": str(unit_ckpt.completed["results"])})
+        return previous
     model = load_model(cfg.model)
     sampler = build_sampler(cfg, model)
     tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), out)
@@ -58,6 +64,7 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         seed=int(cfg.seed),
         family=cfg.model.family,
         origin=str(cfg.model.get("origin", "ddim")),
+        checkpoint=unit_ckpt,
     )
     with timed(timings, "quantization_s"):
         res = method(ctx)
@@ -117,6 +124,8 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "complete": True,  # written last: a results.json without it comes from an older or broken run
     }
     write_json(out / "results.json", results)
+    if unit_ckpt is not None:
+        unit_ckpt.finish(out, out / "results.json")
     tracker.log_results(results, out, res.model if res.recipe is not None else None)  # docs/tracking.md
     tracker.finish()
     log.info(

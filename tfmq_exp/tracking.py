@@ -312,7 +312,7 @@ class WandbTracker:
     tags = model, quantizer, bits + logger.tags, name = logger.run_name or quantizer-bits-seed, config = the
     resolved config plus ``hydra.overrides.task``, notes = the overrides. ``log_results`` adds the dashboard."""
 
-    def __init__(self, cfg: Any, config: dict[str, Any], out: Path) -> None:
+    def __init__(self, cfg: Any, config: dict[str, Any], out: Path, run_id: str | None = None) -> None:
         mode, why = choose_mode(str(cfg.mode), cli_logger_mode())  # a bad mode is the user's error: it raises
         log.info("W&B mode: %s (%s)", mode, why)
         self.mode = mode
@@ -337,6 +337,9 @@ class WandbTracker:
                 tags=self.tags,
                 notes=" ".join(overrides) or None,
                 reinit="finish_previous",
+                # a resumed job (resume=true/auto) keeps its configuration's run id: one dashboard run per job
+                id=run_id,
+                resume="allow" if run_id else None,
             )
             for key in LOWER_BETTER:
                 self.run.define_metric(key, summary="min")
@@ -415,10 +418,11 @@ def _opt(cfg: Any, key: str) -> Any:
     return getattr(cfg, key, None)
 
 
-def make_tracker(cfg: Any, config: dict[str, Any], out: Path) -> NullTracker | CsvTracker | WandbTracker:
+def make_tracker(cfg: Any, config: dict[str, Any], out: Path,
+                 run_id: str | None = None) -> NullTracker | CsvTracker | WandbTracker:
     name = str(cfg.name)
     if name == "wandb":
-        return WandbTracker(cfg, config, out)
+        return WandbTracker(cfg, config, out, run_id)
     if name == "csv":
         return CsvTracker(cfg, config, out)
     if name == "none":

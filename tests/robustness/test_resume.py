@@ -100,3 +100,22 @@ def test_a_bad_resume_value_is_one_clear_line():
 
     with pytest.raises(UserError, match="resume=maybe is unknown. Fix: use resume=auto"):
         resume_enabled(OmegaConf.create({"resume": "maybe"}))
+
+
+def test_a_resumed_job_keeps_its_wandb_run_id(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from tfmq_exp.tracking import make_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = OmegaConf.load(ROOT / "conf" / "logger" / "wandb.yaml")
+    config = {"task": "quantize", "seed": 0, "model": {"name": "mnist"},
+              "quantizer": {"name": "tfmq", "weight": {"n_bits": 4}, "act": {"n_bits": 8}}}
+    ids = []
+    for run in ("first", "requeued"):
+        tracker = make_tracker(cfg, config, tmp_path / run, run_id="tfmq-0123456789abcdef")
+        ids.append(tracker.run.id)
+        tracker.finish()
+    assert ids == ["tfmq-0123456789abcdef"] * 2

@@ -47,7 +47,8 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return previous
     model = load_model(cfg.model)
     sampler = build_sampler(cfg, model)
-    tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), out)
+    run_id = None if unit_ckpt is None else f"tfmq-{config_signature(cfg)}"  # the same W&B run when resumed
+    tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), out, run_id)
     record, cache_hit = None, None
     if cfg.quantizer.name != "fp":
         with timed(timings, "calib_data_s"):

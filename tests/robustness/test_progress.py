@@ -60,3 +60,25 @@ def test_reference_statistics_say_once_and_cached(tmp_path, caplog):
         reference_stats(images, ext, tmp_path, need_pool=False)
     assert "(6 images): computed once, cached in" in caplog.text and "for later runs" in caplog.text
     assert ext.desc == "reference features (once, then cached)"
+
+
+def test_bars_only_in_a_terminal(monkeypatch, capsys):
+    import io
+
+    from tfmq_exp.progress import progress_bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TFMQ_PROGRESS", raising=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a Slurm log: no bar
+    assert progress_bar(range(3), desc="units").disable is True
+    monkeypatch.setattr("sys.stderr", Tty())
+    assert progress_bar(range(3), desc="units").disable is False
+    assert progress_bar(range(3), desc="units", disable=True).disable is True  # the caller's choice holds
+    monkeypatch.setenv("TFMQ_PROGRESS", "0")
+    assert progress_bar(range(3)).disable is True
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    monkeypatch.setenv("TFMQ_PROGRESS", "1")
+    assert progress_bar(range(3)).disable is False

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tfmq_exp import cache_io
 from tfmq_exp.checks import require_finite
 from tfmq_exp.diffusion.calib_pool import Batch, CalibPool, CalibRecord, call_model
 from tfmq_exp.diffusion.sampling import Conditioning, ModelFn, Sampler
+from tfmq_exp.progress import progress_bar as tqdm
 
 __all__ = ["Batch", "CalibPool", "CalibRecord", "call_model", "collect", "collect_official", "load_or_collect"]
 

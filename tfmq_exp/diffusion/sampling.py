@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from tfmq_exp.diffusion.seeds import generators, randn_per_sample
 from tfmq_exp.errors import UserError
+from tfmq_exp.progress import progress_bar as tqdm
 from tfmq_exp.quant.steps import step_context
 
 # model_fn(x_t, t (B,) long[, context (B, L, D)]) -> predicted noise

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tfmq_exp.errors import UserError
 from tfmq_exp.eval.images import batch_source
 from tfmq_exp.eval.inception_network import InceptionFeatures
+from tfmq_exp.progress import progress_bar as tqdm
 
 CLEAN_FID_MODES = ("legacy_tensorflow", "clean")
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tfmq_exp.errors import UserError
 from tfmq_exp.eval.images import to_uint8_rgb
+from tfmq_exp.progress import progress_bar as tqdm
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 

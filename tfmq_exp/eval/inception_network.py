@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-from tqdm import tqdm
 
 from tfmq_exp.eval.images import batch_source
 from tfmq_exp.eval.inception_weights import InceptionWeights
+from tfmq_exp.progress import progress_bar as tqdm
 
 SFID_LAYER = "Mixed_6d.branch1x1"
 SFID_CHANNELS = 7

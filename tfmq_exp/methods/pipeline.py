@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from tfmq_exp.checks import require_finite
 from tfmq_exp.diffusion.calib_pool import Batch, CalibPool, call_model
+from tfmq_exp.progress import progress_bar as tqdm
 from tfmq_exp.quant.modules import QuantMixin, quant_modules
 from tfmq_exp.quant.quantizer import UniformQuantizer
 from tfmq_exp.quant.steps import step_context

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
+
+from tfmq_exp.progress import progress_bar as tqdm
 
 log = logging.getLogger(__name__)
 

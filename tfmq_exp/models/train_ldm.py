@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from tfmq_exp.errors import UserError
 from tfmq_exp.models.mnist_ldm import ASSET, build_parts, save_mnist_ldm
 from tfmq_exp.models.train import ema_update, lr_factor
+from tfmq_exp.progress import progress_bar as tqdm
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def swap_modules(model: nn.Module, recipe: QuantRecipe, splits: dict[str, int] |
 @torch.no_grad()
 def init_weight_ranges(model: nn.Module) -> None:
     """Range init of every enabled weight quantizer from the weights themselves (no data needed)."""
-    from tqdm.auto import tqdm
+    from tfmq_exp.progress import progress_bar as tqdm
 
     for _, mod in tqdm(list(quant_modules(model)), desc="weight ranges", leave=False, mininterval=2.0):
         if mod.allow_weight_quant:

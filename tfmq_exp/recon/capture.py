@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from tfmq_exp.progress import progress_bar as tqdm
 
 
 class _Stop(Exception):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from tfmq_exp.checks import require_finite
+from tfmq_exp.progress import progress_bar as tqdm
 from tfmq_exp.quant.functional import adaround_schedule
 from tfmq_exp.quant.quantizer import UniformQuantizer
 

@@ -59,7 +59,7 @@ def class_metrics(cfg: DictConfig, images: torch.Tensor, cond_info: dict[str, An
 def temporal_diagnostics(fp_unet: torch.nn.Module, q_unet: torch.nn.Module, timesteps: list[int],
                          out: Path) -> dict[str, Any]:
     """Per sampling step: the quantized vs FP Temporal Information Block outputs (paper Fig. 2/4)."""
-    from tqdm import tqdm
+    from tfmq_exp.progress import progress_bar as tqdm
 
     from tfmq_exp.eval import plot_temporal_error, temporal_feature_error
     from tfmq_exp.models.adapters import tib_features

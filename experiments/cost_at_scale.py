@@ -246,7 +246,7 @@ def budget_of(cfgs: dict[str, Any]) -> dict[str, Any]:
     for m, c in cfgs.items():
         q = c.quantizer
         methods[m] = {
-            "pool_size": int(OmegaConf.select(q, "options.pool_size") or c.recon.pool_size),
+            "pool_size": round(int(c.recon.pool_size) * float(OmegaConf.select(q, "options.pool_size_factor") or 1)),
             "calib_steps": int(OmegaConf.select(q, "options.calib_steps") or 16),
             "act_calib_samples": int(q.act_calib_samples),
             "running_stat": bool(OmegaConf.select(q, "options.running_stat") or False),

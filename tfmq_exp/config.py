@@ -229,7 +229,7 @@ QUANTIZER_OPTION_RULES = {
     "softmax_bits": (between(2, 16), True, False),
     "fsc_scope": (choice("all", "tib", "none"), False, False),
     "unit_order": (choice("forward", "registration"), False, False),
-    "pool_size": (positive(), True, True),  # a method's own weight-pool size (overrides recon.pool_size)
+    "pool_size_factor": (positive(), False, False),  # a method's weight pool: recon.pool_size times this
     "fsc_max_batch": (positive(), True, False),
 }
 

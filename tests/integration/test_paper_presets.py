@@ -48,8 +48,8 @@ def every(step: int, n: int) -> list[int]:
 
 
 def effective_pool_size(cfg) -> int:
-    """What reconstruction.weight_pool takes: the recipe's quantizer.options.pool_size, else recon.pool_size."""
-    return int(OmegaConf.select(cfg.quantizer, "options.pool_size") or cfg.recon.pool_size)
+    """What reconstruction.weight_pool takes: recon.pool_size x the recipe's quantizer.options.pool_size_factor."""
+    return round(int(cfg.recon.pool_size) * float(OmegaConf.select(cfg.quantizer, "options.pool_size_factor") or 1))
 
 
 # short name -> what the paper's table (docs/methods.md §10.1, §4.5; docs/presets.md) asks for.
@@ -160,7 +160,7 @@ EXPECTED = {
     },
     "sd": {
         # 256 entries per step = 128 prompts x {caption, empty}; recon.pool_size is Q-Diffusion's 6,400, the tfmq
-        # and brecq recipes set options.pool_size 12,800, which weight_pool reads in its place
+        # and brecq recipes double it (options.pool_size_factor 2): all 50 steps at the same entries per step
         "model": "sd14", "seed": 40, "steps_run": 50, "guided": True,
         "sampler": {"kind": "plms", "steps": 50, "eta": 0.0, "skip": "uniform", "guidance": 7.5,
                     "timestep_offset": 1, "final_alpha_one": False, "uniform_steps": "exact", "clip_x0": False},
@@ -171,11 +171,11 @@ EXPECTED = {
         "pool": {"tfmq": (12800, every(1, 50), 128), "qdiff": (6400, every(2, 50), 128),
                  "brecq": (12800, every(1, 50), 128)},
         "recipe": {
-            "tfmq": {**TFMQ, "options.calib_steps": 50, "options.fsc_per_step": 256, "options.pool_size": 12800},
+            "tfmq": {**TFMQ, "options.calib_steps": 50, "options.fsc_per_step": 256, "options.pool_size_factor": 2},
             "qdiff": {"weight.init": "lp", "act.init": "lp", "act.symmetric": False, "act_calib_samples": 16,
                       "options.calib_steps": 25, "options.softmax_bits": 16, "options.split_shortcut": True,
-                      "options.running_stat": True, "options.running_stat_batch": 16, "options.pool_size": None},
-            "brecq": {**BRECQ, "options.calib_steps": 50, "options.pool_size": 12800},
+                      "options.running_stat": True, "options.running_stat_batch": 16, "options.pool_size_factor": None},
+            "brecq": {**BRECQ, "options.calib_steps": 50, "options.pool_size_factor": 2},
         },
         "paper": {"w4a32": "TFMQ-DM 13.21 / 19.03 / 0.3144", "w8a8": "TFMQ-DM 13.09 / 19.91 / 0.3134",
                   "w4a8": "TFMQ-DM 13.36 / 20.14 / 0.3128"},

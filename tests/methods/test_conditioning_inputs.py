@@ -63,7 +63,7 @@ def test_a_guided_weight_pool_counts_both_entries_of_each_trajectory():
 
     pool = weight_pool(ctx(24, {"calib_steps": 4}))  # 6 entries per step = 3 trajectories x {c, uc}
     assert len(pool) == 24 and pool.ctx_idx[:6].tolist() == [0, 3, 1, 3, 2, 3]
-    assert len(weight_pool(ctx(8, {"calib_steps": 4, "pool_size": 12}))) == 12  # the recipe's size wins
+    assert len(weight_pool(ctx(6, {"calib_steps": 4, "pool_size_factor": 2}))) == 12  # the recipe's factor
     with pytest.raises(UserError, match=r"a weight pool of 28 needs 7 samples per step but the calibration record "
                                         r"has 6 \(trajectories x \{c, uc\}\)"):
         weight_pool(ctx(28, {"calib_steps": 4}))

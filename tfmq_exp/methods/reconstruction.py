@@ -44,14 +44,15 @@ def pool_steps(num_steps: int, calib_steps: int) -> list[int]:
 def weight_pool(ctx: MethodContext):  # noqa: ANN201
     """The shared pool: the ``pool_steps`` x (pool_size // calib_steps) samples of each (QD's cali_n).
 
-    ``pool_size`` is the method recipe's ``options.pool_size`` where it sets one (SD: TFMQ-DM keeps all 50
-    steps, 12,800 entries; Q-Diffusion 25 steps, 6,400), else ``recon.pool_size``. With guidance every
-    trajectory gives two entries per step (c and uc), so a step holds twice ``calib.n_trajectories``.
+    The size is ``recon.pool_size`` times the method recipe's ``options.pool_size_factor`` (default 1; SD:
+    TFMQ-DM and BRECQ keep all 50 steps where Q-Diffusion keeps 25, so their recipes double the pool and the
+    same per-step count results at any budget). With guidance every trajectory gives two entries per step
+    (c and uc), so a step holds twice ``calib.n_trajectories``.
     """
     rec = ctx.record
     calib_steps = int(_opt(ctx, "calib_steps", 16))
     chosen = pool_steps(rec.num_steps, calib_steps)
-    size = int(_opt(ctx, "pool_size", ctx.recon.pool_size) or ctx.recon.pool_size)
+    size = round(int(ctx.recon.pool_size) * float(_opt(ctx, "pool_size_factor", 1)))
     per_step = max(1, size // min(calib_steps, rec.num_steps))
     if per_step > rec.entries_per_step:
         guided = " (trajectories x {c, uc})" if rec.guided else ""

@@ -59,10 +59,9 @@ def class_metrics(cfg: DictConfig, images: torch.Tensor, cond_info: dict[str, An
 def temporal_diagnostics(fp_unet: torch.nn.Module, q_unet: torch.nn.Module, timesteps: list[int],
                          out: Path) -> dict[str, Any]:
     """Per sampling step: the quantized vs FP Temporal Information Block outputs (paper Fig. 2/4)."""
-    from tfmq_exp.progress import progress_bar as tqdm
-
     from tfmq_exp.eval import plot_temporal_error, temporal_feature_error
     from tfmq_exp.models.adapters import tib_features
+    from tfmq_exp.progress import progress_bar as tqdm
 
     fp_feats, q_feats = [], []
     dev = next(q_unet.parameters()).device

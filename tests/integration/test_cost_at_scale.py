@@ -8,7 +8,6 @@ presets, and a projection that is exactly the sum of its recomputed parts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,21 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "cost_at_scale.py"
 MODELS = ("ldm_bedroom", "ldm_cin256", "ldm_ffhq")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("cost_at_scale_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cas = load_script()
+cas = load_script(SCRIPT, "cost_at_scale_under_test")
 
 
 @pytest.fixture(scope="module")

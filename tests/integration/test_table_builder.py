@@ -6,7 +6,6 @@ saves it, INCOMPLETE markers as tfmq_exp/results.py leaves them); every number b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,21 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "build_table.py"
 SWEEPS = ROOT / "experiments" / "sweeps"
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_table_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bt = load_builder()
+bt = load_script(SCRIPT, "build_table_under_test")
 
 
 def write_run(folder: Path, quantizer: str, bits: str, seed: int, metrics: dict, quant_s: float, *,

@@ -207,6 +207,18 @@ def _assert_entry_holds(cache: Path, xs: torch.Tensor) -> None:
     assert hit and torch.equal(rec.xs, xs)
 
 
+def _sigkill(proc) -> None:  # noqa: ANN001
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _reap(proc) -> None:  # noqa: ANN001
+    """A child the test could not kill on purpose must not outlive it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def test_two_jobs_racing_for_one_record_collect_it_once(tmp_path):
     cache, work, reports, logs = _race(tmp_path, "lock")
     assert sorted(r["hit"] for r in reports) == [False, True]  # one collected, the other read its record
@@ -249,12 +261,9 @@ def test_a_job_killed_while_collecting_does_not_block_the_next(tmp_path):
         with open(lock) as fh:
             with pytest.raises(BlockingIOError):
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        _sigkill(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not entry(cache).exists()
     with open(lock) as fh:  # the kernel released the dead job's lock
@@ -276,12 +285,9 @@ def test_a_writer_killed_mid_write_leaves_no_partial_entry(tmp_path, old):
         _wait_file(marker, [proc])
         (tmp,) = path.parent.glob(f".{path.name}.{proc.pid}.*.tmp")  # unique name: pid + random suffix
         assert tmp.stat().st_size >= 8 << 20  # it is in the middle of writing megabytes
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        _sigkill(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == -signal.SIGKILL
     if old is None:
         assert not path.exists()

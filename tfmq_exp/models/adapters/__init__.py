@@ -15,7 +15,7 @@ from tfmq_exp.models.adapters.base import (
     METHODS,
     UNetAdapter,
     Unit,
-    diffusers_classes,
+    block_classes,
     resnet_blocks,
 )
 from tfmq_exp.models.adapters.unet2d import UNet2DAdapter
@@ -72,11 +72,6 @@ def adapter_for(unet: nn.Module, family: str | None = None) -> UNetAdapter:
         raise NotImplementedError(f"no architecture adapter for {type(unet).__name__} "
                                   f"(known families: {sorted(ADAPTERS)})")
     return found(unet)
-
-
-def block_classes() -> tuple[type[nn.Module], ...]:
-    c = diffusers_classes()
-    return (c["ResnetBlock2D"], c["ResnetBlockCondNorm2D"], c["Attention"], c["BasicTransformerBlock"])
 
 
 def tib_modules(unet: nn.Module) -> dict[str, nn.Module]:

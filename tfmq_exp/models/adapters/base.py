@@ -67,6 +67,12 @@ def diffusers_classes() -> dict[str, type[nn.Module]]:
     }
 
 
+def block_classes() -> tuple[type[nn.Module], ...]:
+    """The diffusers classes reconstructed as one block (``UNetAdapter.block_classes``)."""
+    c = diffusers_classes()
+    return (c["ResnetBlock2D"], c["ResnetBlockCondNorm2D"], c["Attention"], c["BasicTransformerBlock"])
+
+
 def resnet_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every diffusers ``ResnetBlock2D``, in registration order."""
     cls = diffusers_classes()["ResnetBlock2D"]
@@ -125,8 +131,7 @@ class UNetAdapter:
         layers + weightless matmul blocks when activation quantization is on (§2, §9 T6); this is not
         reproduced.
         """
-        c = diffusers_classes()
-        return (c["ResnetBlock2D"], c["ResnetBlockCondNorm2D"], c["Attention"], c["BasicTransformerBlock"])
+        return block_classes()
 
     def tib_modules(self) -> dict[str, nn.Module]:
         """The modules that build ``emb``: ``time_proj``, ``time_embedding`` and ``class_embedding`` if any.

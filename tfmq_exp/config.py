@@ -182,6 +182,9 @@ class ExportConfig:
     threads: int = field(default=0, metadata=at_least(0, zero="the runtime's default"))
     dir: str | None = None  # backend=openvino: the folder task=export wrote
     verify_batch: int = field(default=4, metadata=positive())  # samples compared with the fake-quant model
+    # per_step exports are sampled step-major: this many samples pass each step's model before the next
+    # step's model is compiled (one compiled model in memory; compile time spread over the chunk)
+    chunk: int = field(default=1000, metadata=positive())
 
 
 @dataclass

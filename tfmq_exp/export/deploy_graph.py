@@ -13,7 +13,8 @@ points, or the per-step tables (FSC). Three ways to carry the tables (``step_tab
   ``K = W * 1`` (the weight summed over the part of each window inside the image: a one-channel
   convolution of a ones image, so zero padding in ``x`` is reproduced exactly). Exact, and the
   convolution stays integer.
-* ``per_step``: one model per step with that step's constants baked in (``build_deploy_model(step=i)``).
+* ``per_step``: one model per step with that step's constants baked in (``build_deploy_model(step=i)``);
+  the export converts one and stores the other steps' quantize ranges (``baked_step_ranges``).
 * ``runtime_fq``: the gathered ranges feed the quantize op directly (kept for the measurement: the
   runtime then cannot fold them and runs the layer in floating point).
 """
@@ -68,6 +69,12 @@ class DeployActQuant(nn.Module):
             self.register_buffer("zp_t", q.step_zero_point.detach().round().int().reshape(-1).clone())
         else:
             self.s, self.z = float(s.reshape(())), int(torch.round(z.reshape(())))
+        # a baked step keeps every step's table (plain attributes, not traced): the other steps' models are
+        # this one with other FakeQuantize constants (``baked_step_ranges``)
+        self.baked_tables = None
+        if q.has_step_tables and step is not None:
+            self.baked_tables = (q.step_scale.detach().float().reshape(-1).clone(),
+                                 q.step_zero_point.detach().round().float().reshape(-1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tables:
@@ -266,6 +273,21 @@ def step_table_groups(unet: nn.Module) -> list[list[int]]:
         key = tuple((float(q.step_scale[i]), float(q.step_zero_point[i])) for q in tables)
         keys.setdefault(key, []).append(i)
     return list(keys.values())
+
+
+FQ_SUFFIX = "/aten::fake_quantize_per_tensor_affine/FakeQuantize"  # the converter's name of a quantizer's node
+
+
+def baked_step_ranges(deploy: DeployUNet, steps: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For a ``per_step`` deploy model: the FakeQuantize node name of every activation quantizer with
+    tables, and its range ends ``(qmin - z) * s`` and ``(qmax - z) * s`` at each of ``steps`` (float32,
+    what the converter writes for a baked step; checked against the converted model by the export)."""
+    out = {}
+    for name, mod in deploy.named_modules():
+        if isinstance(mod, DeployActQuant) and mod.baked_tables is not None:
+            s, z = (t[steps] for t in mod.baked_tables)
+            out["__module." + name + FQ_SUFFIX] = ((mod.qmin - z) * s, (mod.qmax - z) * s)
+    return out
 
 
 @torch.no_grad()

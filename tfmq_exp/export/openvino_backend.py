@@ -98,6 +98,59 @@ def compile_model(model: Any, precision: str = "f32", threads: int = 0, batch: i
     return core.compile_model(model, "CPU", cfg)
 
 
+def fake_quantize_ranges(model: Any, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Input range ends (low, high) of the named FakeQuantize nodes, in the order of ``names``."""
+    nodes = _fake_quantize_nodes(model, names)
+    lo = [float(nodes[n].input(1).get_source_output().get_node().get_data().reshape(-1)[0]) for n in names]
+    hi = [float(nodes[n].input(2).get_source_output().get_node().get_data().reshape(-1)[0]) for n in names]
+    return np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+
+
+def set_fake_quantize_ranges(model: Any, names: list[str], lo: np.ndarray, hi: np.ndarray) -> None:
+    """Give the named per-tensor FakeQuantize nodes new constant ranges (input and output ends alike:
+    the converter writes a quantize-dequantize as equal ranges), in place. The node stays a constant
+    FakeQuantize, so the runtime folds it into the integer kernel as before."""
+    from openvino import op
+
+    nodes = _fake_quantize_nodes(model, names)
+    for n, a, b in zip(names, lo, hi):
+        node = nodes[n]
+        for i, v in ((1, a), (2, b), (3, a), (4, b)):
+            shape = tuple(node.input(i).get_source_output().get_node().get_output_shape(0))
+            node.input(i).replace_source_output(op.Constant(np.full(shape, v, np.float32)).output(0))
+
+
+def merged_fake_quantize(model: Any, names: list[str]) -> dict[str, str]:
+    """Named activation quantize nodes the converter merged into another (equal constants on the same input,
+    e.g. to_q/to_k/to_v): name -> the node that now feeds its layer. A name whose layer cannot be found
+    maps to ""."""
+    present = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"}
+    merged = {}
+    for name in names:
+        if name in present:
+            continue
+        layer = name.split(".act/")[0] + "/"
+        merged[name] = ""
+        for op in model.get_ops():
+            if op.get_friendly_name().startswith(layer) and op.get_type_name() in ("MatMul", "Convolution"):
+                src = op.input(0).get_source_output().get_node()
+                if src.get_type_name() == "FakeQuantize":
+                    merged[name] = src.get_friendly_name()
+                    break
+    return merged
+
+
+def _fake_quantize_nodes(model: Any, names: list[str]) -> dict[str, Any]:
+    nodes = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"}
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise ValueError(f"{len(missing)} quantize node(s) not in the model, e.g. {missing[0]}")
+    for n in names:
+        if any(nodes[n].input(i).get_source_output().get_node().get_type_name() != "Constant" for i in range(1, 5)):
+            raise ValueError(f"quantize node {n} has non-constant ranges")
+    return nodes
+
+
 def precision_report(compiled: Any) -> dict[str, Any]:
     """Executed precision of every compute layer, from the runtime's own execution graph."""
     counts: dict[str, dict[str, int]] = {}
@@ -134,10 +187,16 @@ class OpenVINOUNet:
     """An exported UNet as a sampler ``model_fn(x, t) -> eps``, compiled per batch size on first use.
 
     The step index comes from ``tfmq_exp.quant.steps.current_step()`` (the sampler sets it): with
-    ``runtime`` tables it is an input of the one model; with ``per_step`` it picks the model.
+    ``runtime`` tables it is an input of the one model; with ``per_step`` it picks the model, which
+    is the one IR with that step's quantize ranges set (``step_ranges.npz``) before compiling.
+    ``max_models`` bounds how many step models stay compiled (least recently used goes first);
+    ``call_batch`` runs a larger ``x`` in pieces of that size, the last one padded, so that one
+    compiled batch size serves a step-major sampler (every sample of a chunk through step k's model,
+    then step k+1's).
     """
 
-    def __init__(self, export_dir: str | Path, precision: str = "f32", threads: int = 0) -> None:
+    def __init__(self, export_dir: str | Path, precision: str = "f32", threads: int = 0,
+                 max_models: int | None = None, call_batch: int | None = None) -> None:
         require_openvino()
         self.dir = Path(export_dir)
         manifest = self.dir / "export.json"
@@ -147,15 +206,25 @@ class OpenVINOUNet:
             )
         self.manifest = json.loads(manifest.read_text())
         self.precision, self.threads = precision, threads
+        self.max_models, self.call_batch = max_models, call_batch
         self.step_to_model = {}
         for k, m in enumerate(self.manifest["models"]):
             for s in m["steps"] or []:
                 self.step_to_model[int(s)] = k
-        self._compiled: dict[tuple[int, int], Any] = {}
+        self.ranges = None
+        if self.manifest.get("step_ranges"):
+            with np.load(self.dir / self.manifest["step_ranges"]) as z:
+                self.ranges = {"names": [str(n) for n in z["names"]], "lo": z["lo"], "hi": z["hi"]}
+        self._compiled: dict[tuple[int, int], Any] = {}  # insertion order = use order (LRU)
+        self.stats = {"compiles": 0, "compile_s": 0.0}
 
     @property
     def timesteps(self) -> list[int] | None:
         return self.manifest.get("timesteps")
+
+    @property
+    def per_step(self) -> bool:
+        return len(self.manifest["models"]) > 1
 
     def _model_index(self, step: int | None) -> int:
         if not self.step_to_model:
@@ -168,10 +237,26 @@ class OpenVINOUNet:
         return self.step_to_model[step]
 
     def compiled(self, k: int, batch: int) -> Any:
+        import time
+
         key = (k, batch)
-        if key not in self._compiled:
-            xml = self.dir / self.manifest["models"][k]["xml"]
-            self._compiled[key] = compile_model(xml, self.precision, self.threads, batch)
+        if key in self._compiled:
+            self._compiled[key] = self._compiled.pop(key)  # most recently used
+            return self._compiled[key]
+        models = list(dict.fromkeys(i for i, _ in self._compiled))
+        if self.max_models and k not in models and len(models) >= self.max_models:
+            for old in [key_ for key_ in self._compiled if key_[0] == models[0]]:
+                del self._compiled[old]
+        t0 = time.perf_counter()
+        entry = self.manifest["models"][k]
+        ov = require_openvino()
+        model = ov.Core().read_model(str(self.dir / entry["xml"]))
+        if self.ranges is not None and entry.get("ranges") is not None:
+            r = int(entry["ranges"])
+            set_fake_quantize_ranges(model, self.ranges["names"], self.ranges["lo"][r], self.ranges["hi"][r])
+        self._compiled[key] = compile_model(model, self.precision, self.threads, batch)
+        self.stats["compiles"] += 1
+        self.stats["compile_s"] = round(self.stats["compile_s"] + time.perf_counter() - t0, 3)
         return self._compiled[key]
 
     def __call__(self, x: Any, t: Any, encoder_hidden_states: Any = None) -> Any:
@@ -181,11 +266,26 @@ class OpenVINOUNet:
 
         step = current_step()
         k = self._model_index(step)
-        cm = self.compiled(k, x.shape[0])
-        feeds = {"sample": x.detach().float().cpu().numpy(), "timestep": t.detach().long().cpu().numpy(),
-                 "step": np.array(step or 0, dtype=np.int64),
-                 "encoder_hidden_states": None if encoder_hidden_states is None else
-                 encoder_hidden_states.detach().float().cpu().numpy()}
-        names = {n for inp in cm.inputs for n in inp.get_names()}
-        out = cm({n: v for n, v in feeds.items() if n in names and v is not None})
-        return torch.from_numpy(np.asarray(out[cm.outputs[0]])).to(x.device)
+        n, b = x.shape[0], self.call_batch or x.shape[0]
+        outs = []
+        for i in range(0, n, b):
+            xs, ts = x[i:i + b], t[i:i + b]
+            cs = None if encoder_hidden_states is None else encoder_hidden_states[i:i + b]
+            pad = b - xs.shape[0]
+            if pad:  # the last piece: repeat its first row up to the compiled batch, drop the extra outputs
+                xs, ts = _pad(xs, pad), _pad(ts, pad)
+                cs = None if cs is None else _pad(cs, pad)
+            cm = self.compiled(k, b)
+            feeds = {"sample": xs.detach().float().cpu().numpy(), "timestep": ts.detach().long().cpu().numpy(),
+                     "step": np.array(step or 0, dtype=np.int64),
+                     "encoder_hidden_states": None if cs is None else cs.detach().float().cpu().numpy()}
+            names = {nm for inp in cm.inputs for nm in inp.get_names()}
+            out = cm({nm: v for nm, v in feeds.items() if nm in names and v is not None})
+            outs.append(torch.from_numpy(np.asarray(out[cm.outputs[0]]))[: b - pad])
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.device)
+
+
+def _pad(a: Any, pad: int) -> Any:
+    import torch
+
+    return torch.cat([a, a[:1].expand(pad, *a.shape[1:])])

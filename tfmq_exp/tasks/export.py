@@ -1,8 +1,10 @@
 """task=export: a quantized checkpoint -> packed checkpoint, size/BOPs report, OpenVINO IR that runs in int8.
 
-Writes into the run folder: ``packed.safetensors``, ``model*.xml/.bin`` (one, or one per distinct
-step table with ``export.step_tables=per_step``), ``export.json`` (what ``backend=openvino``
-reads) and ``results.json`` (sizes, BOPs, executed precisions, agreement with the fake-quant model).
+Writes into the run folder: ``packed.safetensors``, ``model.xml/.bin`` (with
+``export.step_tables=per_step`` also ``step_ranges.npz``: the quantize ranges of every distinct step
+table, set into the one IR before compiling that step's model), ``export.json`` (what
+``backend=openvino`` reads) and ``results.json`` (sizes, BOPs, executed precisions, agreement with
+the fake-quant model).
 """
 
 from __future__ import annotations
@@ -71,21 +73,24 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
         packed_info = pack_checkpoint(cfg.ckpt, out / "packed.safetensors")
     tables = has_step_tables(unet)
     mode = e.step_tables if tables else "none"
-    if mode == "per_step":
-        groups = step_table_groups(unet)
-        variants = [(build_deploy_model(unet, "per_step", step=g[0]), g) for g in groups]
-    else:
-        variants = [(build_deploy_model(unet, e.step_tables), None)]
     b = int(e.verify_batch)
     example = ovb.example_inputs(shape, b)
-    models = []
     t0 = time.perf_counter()
-    for k, (deploy, steps) in enumerate(variants):
-        xml = f"model_{k:03d}.xml" if steps is not None else "model.xml"
-        ovb.save(ovb.convert(deploy, example), out / xml)
-        models.append({"xml": xml, "steps": steps})
+    extra: dict[str, Any] = {}
+    if mode == "per_step":  # one IR with the first group's constants; the others' ranges beside it
+        groups = step_table_groups(unet)
+        deploy = build_deploy_model(unet, "per_step", step=groups[0][0])
+        ov_model = ovb.convert(deploy, example)
+        extra = {"step_ranges": "step_ranges.npz"}
+        write_step_ranges(out / "step_ranges.npz", ov_model, deploy, groups)
+        models = [{"xml": "model.xml", "steps": g, "ranges": k} for k, g in enumerate(groups)]
+    else:
+        ov_model = ovb.convert(build_deploy_model(unet, e.step_tables), example)
+        models = [{"xml": "model.xml", "steps": None}]
+    ovb.save(ov_model, out / "model.xml")
+    del ov_model
     timings["convert_s"] = round(time.perf_counter() - t0, 3)
-    ir_bytes = sum((out / m["xml"]).with_suffix(".bin").stat().st_size for m in models)
+    ir_bytes = (out / "model.bin").stat().st_size + sum(p.stat().st_size for p in out.glob("step_ranges.npz"))
 
     # agreement with the fake-quant model on a few steps, and the executed precisions
     from tfmq_exp.export.openvino_backend import OpenVINOUNet
@@ -94,6 +99,7 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "format": e.format, "step_tables": mode, "models": models, "image_shape": list(shape),
         "conditional": False, "timesteps": sampler.timesteps, "sampler": sampler.describe(),
         "model": cfg.model.name, "ckpt": str(cfg.ckpt), "quantizer": meta.get("quantizer"), "bits": meta.get("bits"),
+        **extra,
     }
     write_json(out / "export.json", manifest)
     runner = OpenVINOUNet(out, e.precision, int(e.threads))
@@ -139,6 +145,39 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
         sizes["packed_mb"], sizes["fp32_mb"], out,
     )
     return results
+
+
+def write_step_ranges(path: Path, ov_model: Any, deploy: Any, groups: list[list[int]]) -> None:
+    """Every table group's quantize ranges (``baked_step_ranges``), after checking that the first group's
+    equal the constants the converter wrote, bit for bit (so a patched model is that step's model)."""
+    import numpy as np
+
+    from tfmq_exp.export import openvino_backend as ovb
+    from tfmq_exp.export.deploy_graph import baked_step_ranges
+
+    ranges = baked_step_ranges(deploy, [g[0] for g in groups])
+    owner = {n: n for n in ranges}
+    for name, into in ovb.merged_fake_quantize(ov_model, sorted(ranges)).items():
+        # the converter merged equal quantize nodes on one input (to_q, to_k, to_v): one node, one table,
+        # right only if their tables are equal at every step
+        mine = ranges.pop(name)
+        if into and into not in ranges:
+            ranges[into], owner[into] = mine, name
+        elif not into or not all(torch.equal(a, b) for a, b in zip(mine, ranges[into])):
+            other = owner.get(into, "").split(".act/")[0].removeprefix("__module.unet.") or "another quantizer"
+            raise UserError(
+                f"per-step export: the converter merged the input quantizers of "
+                f"{name.split('.act/')[0].removeprefix('__module.unet.')} and {other} (one input, equal ranges at "
+                "step 0), but their tables differ at a later step. Fix: export with export.step_tables=runtime."
+            )
+    names = sorted(ranges)
+    lo = torch.stack([ranges[n][0] for n in names], 1).numpy()  # (groups, quantizers)
+    hi = torch.stack([ranges[n][1] for n in names], 1).numpy()
+    got_lo, got_hi = ovb.fake_quantize_ranges(ov_model, names)
+    if not (np.array_equal(got_lo, lo[0]) and np.array_equal(got_hi, hi[0])):
+        raise RuntimeError("per-step export: the converted quantize ranges differ from the tables; "
+                           "use export.step_tables=runtime")
+    np.savez(path, names=np.asarray(names), lo=lo, hi=hi)
 
 
 def _both_quantized(m: torch.nn.Module) -> bool:

@@ -107,17 +107,19 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
     check_schedule(meta, sampler.timesteps, model.unet, sampler.describe())
     fabric = sampling_fabric(cfg)
     model.unet.to(fabric.device if fabric else sampler.device)
-    model_fn = unet_fn(model.unet)
+    model_fn, batch = unet_fn(model.unet), int(cfg.sampler.batch_size)
     if cfg.get("backend", "torch") == "openvino":  # the exported integer model (docs/deploy.md)
-        from tfmq_exp.export.sample_backend import openvino_model_fn
+        from tfmq_exp.export.sample_backend import openvino_model_fn, sampling_batch
 
         model_fn, meta = openvino_model_fn(cfg, sampler, meta)
+        batch = sampling_batch(cfg, model_fn)
+    runner = model_fn
     n = int(cfg.n_compare)
     what = f"samples of {cfg.ckpt or 'the FP model'}"
     cond, cond_info = conditioning_for(cfg, model, n, int(cfg.seed))
     with timed(timings, "sampling_s"):
         x = sample_sharded(sampler, checked_model_fn(model_fn, what), n, image_shape(model), cfg.seed,
-                           int(cfg.sampler.batch_size), fabric, cond=cond)
+                           batch, fabric, cond=cond)
     require_finite(x, what, "the weights or the checkpoint's ranges are broken")
     imgs = to_uint8(to_images(model, x))
     if fabric is not None and fabric.global_rank != 0:
@@ -139,6 +141,9 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "timings": timings,
         "complete": True,
     }
+    if hasattr(runner, "stats"):  # the runtime: how many models it compiled, and the time that took
+        results["openvino"] = dict(runner.stats, sampling_batch=batch, call_batch=runner.call_batch or batch,
+                                   step_tables=runner.manifest.get("step_tables"))
     write_json(out / "results.json", results)
     log.info("wrote %d samples to %s", n, out / "samples.npz")
     return results

@@ -111,7 +111,7 @@ def export_variant(model_name: str, variant: str, folder: Path, batch: int) -> d
         info["quantize_s"] = round(time.perf_counter() - t0, 2)
         info["size"] = size_report(unet)
         info["bops_per_step"] = bops_per_step(unet, shape, cond)
-        if variant == "ov_w8a8_tables_per_step":
+        if variant == "ov_w8a8_tables_per_step":  # as task=export writes it: one IR plus every step's ranges
             groups = step_table_groups(unet)
             info["distinct_tables"] = len(groups)
             deploy = build_deploy_model(unet, "per_step", step=0)
@@ -123,6 +123,11 @@ def export_variant(model_name: str, variant: str, folder: Path, batch: int) -> d
     t0 = time.perf_counter()
     model = ovb.convert(deploy, ex, dynamic_batch=True)
     info["convert_s"] = round(time.perf_counter() - t0, 2)
+    if variant == "ov_w8a8_tables_per_step":
+        from tfmq_exp.tasks.export import write_step_ranges
+
+        write_step_ranges(folder / "step_ranges.npz", model, deploy, groups)
+        info["ranges_kb"] = round((folder / "step_ranges.npz").stat().st_size / 1e3, 1)
     del deploy
     gc.collect()
     ovb.save(model, folder / "model.xml")
@@ -163,8 +168,20 @@ def worker(args: argparse.Namespace) -> None:
         sys.path.insert(0, str(ROOT))
         from tfmq_exp.export import openvino_backend as ovb  # no torch in this process
 
+        ranges = Path(spec["xml"]).with_name("step_ranges.npz")
+
+        def load():  # a per-step export: the IR with another step's ranges set, as the sampler switches steps
+            if not ranges.is_file():
+                return spec["xml"]
+            import openvino as ov
+
+            model = ov.Core().read_model(spec["xml"])
+            with np.load(ranges) as z:
+                ovb.set_fake_quantize_ranges(model, [str(n) for n in z["names"]], z["lo"][1], z["hi"][1])
+            return model
+
         t0 = time.perf_counter()
-        compiled = [ovb.compile_model(spec["xml"], spec["precision"], threads, batch) for _ in range(spec["copies"])]
+        compiled = [ovb.compile_model(load(), spec["precision"], threads, batch) for _ in range(spec["copies"])]
         out["compile_s"] = round((time.perf_counter() - t0) / spec["copies"], 3)
         cm = compiled[0]
         rep = ovb.precision_report(cm)
@@ -219,7 +236,7 @@ def fid_check(ckpt: str, n: int, threads: int, overrides: list[str]) -> dict:
     from tfmq_exp.config import register_configs
     from tfmq_exp.diffusion.sampling import to_uint8, unet_fn
     from tfmq_exp.eval import evaluate
-    from tfmq_exp.export.openvino_backend import OpenVINOUNet
+    from tfmq_exp.export.sample_backend import openvino_model_fn, sampling_batch
     from tfmq_exp.tasks.common import build_sampler, image_shape
     from tfmq_exp.tasks.export import load_for_export, run_export
 
@@ -236,9 +253,10 @@ def fid_check(ckpt: str, n: int, threads: int, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     torch_img = to_uint8(sampler.sample(unet_fn(model.unet), n, shape, seed, bs, desc="fake-quant"))
     t_torch = time.perf_counter() - t0
-    runner = OpenVINOUNet(tmp, "f32", threads)
+    cfg.export.dir = str(tmp)  # as task=sample backend=openvino runs it (per-step exports: step-major)
+    runner, _ = openvino_model_fn(cfg, sampler, {})
     t0 = time.perf_counter()
-    ov_img = to_uint8(sampler.sample(runner, n, shape, seed, bs, desc="openvino"))
+    ov_img = to_uint8(sampler.sample(runner, n, shape, seed, sampling_batch(cfg, runner), desc="openvino"))
     t_ov = time.perf_counter() - t0
     a, b = torch_img.double(), ov_img.double()
     mse = float(((a - b) ** 2).mean())
@@ -247,7 +265,9 @@ def fid_check(ckpt: str, n: int, threads: int, overrides: list[str]) -> dict:
            "quantized_layers": exp["quantized_layers"], "quantized_layers_int8": exp["quantized_layers_int8"],
            "psnr_db": round(10 * float(np.log10(255**2 / max(mse, 1e-12))), 2),
            "max_abs_levels": int((a - b).abs().max()), "pixels_differing": round(float((a != b).double().mean()), 4),
-           "sampling_s": {"torch_fake_quant": round(t_torch, 1), "openvino": round(t_ov, 1)}}
+           "sampling_s": {"torch_fake_quant": round(t_torch, 1), "openvino": round(t_ov, 1)},
+           "step_tables": exp["step_tables"], "openvino_compiles": runner.stats,
+           "machine": {"threads": threads, "load_avg": os.getloadavg()}}
     for name, imgs in (("torch_fake_quant", torch_img), ("openvino", ov_img)):
         m = evaluate(imgs, cfg.evaluator, reference="mnist", fp_images=None, cache_dir=cache, out_dir=tmp / name)
         out[name] = {k: m[k] for k in ("fid", "sfid", "kid") if k in m}
@@ -256,7 +276,7 @@ def fid_check(ckpt: str, n: int, threads: int, overrides: list[str]) -> dict:
 
 LABELS = {"torch_fp32": "PyTorch FP32 eager", "ov_fp32": "OpenVINO FP32", "ov_w8a8": "OpenVINO W8A8, one range",
           "ov_w8a8_tables": "OpenVINO W8A8, per-step tables (one model)",
-          "ov_w8a8_tables_per_step": "OpenVINO W8A8, per-step tables (one model per step)",
+          "ov_w8a8_tables_per_step": "OpenVINO W8A8, per-step tables (one model per step, step-major)",
           "ov_w4a8": "OpenVINO W4A8 (int8 kernels)"}
 
 
@@ -266,22 +286,23 @@ def table(results: dict) -> str:
     rows = sorted(results.get("rows", []), key=lambda r: (order.get(r["model"], 9), VARIANTS.index(r["variant"])
                                                           if r["variant"] in VARIANTS else 9, r.get("batch", 0)))
     lines = ["| model | variant | batch | latency (ms) | speed-up vs PyTorch FP32 | vs OpenVINO FP32 | peak RSS (MB) "
-             "| packed size (MB) | int8 layers |", "|---|---|---|---|---|---|---|---|---|"]
+             "| packed size (MB) | int8 layers | compile (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r["batch"]): r.get("latency_ms") for r in rows if r["variant"] == "torch_fp32"}
     ovfp = {(r["model"], r["batch"]): r.get("latency_ms") for r in rows if r["variant"] == "ov_fp32"}
     for r in rows:
         if "latency_ms" not in r:
             lines.append(f"| {r['model']} | {LABELS.get(r['variant'], r['variant'])} | {r.get('batch', '-')} | "
-                         f"not measured: {r.get('error', '')[:80]} | | | | | |")
+                         f"not measured: {r.get('error', '')[:80]} | | | | | | |")
             continue
         b0, b1 = base.get((r["model"], r["batch"])), ovfp.get((r["model"], r["batch"]))
         size = r.get("size", {}).get("packed_mb" if r["variant"].startswith("ov_w") else "fp32_mb", "")
         copies = f" ({r['copies']} compiled)" if r.get("copies", 1) > 1 else ""
         vs_ov = f"{b1 / r['latency_ms']:.2f}x" if b1 else "-"
+        vs_pt = f"{b0 / r['latency_ms']:.2f}x" if b0 else "-"
         lines.append(
             f"| {r['model']} | {LABELS.get(r['variant'], r['variant'])}{copies} | {r['batch']} | {r['latency_ms']} | "
-            f"{b0 / r['latency_ms']:.2f}x | {vs_ov} | "
-            f"{r['peak_rss_mb']} | {size} | {r.get('int8_layers', 0)} |"
+            f"{vs_pt} | {vs_ov} | "
+            f"{r['peak_rss_mb']} | {size} | {r.get('int8_layers', 0)} | {r.get('compile_s', '')} |"
         )
     return "\n".join(lines)
 
@@ -297,8 +318,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--per-step-copies", type=int, default=0,
-                    help="compiled copies for the per-step variant (0: 50 on the embedded model, 2 otherwise)")
+    ap.add_argument("--per-step-copies", type=int, default=1,
+                    help="compiled copies for the per-step variant at batch 1 (the sampler keeps one; more "
+                         "measure the memory of keeping several)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
     ap.add_argument("--out", default=str(ROOT / "experiments/results/deploy_bench.json"))
     ap.add_argument("--fid-ckpt", help="instead of timing: FID and agreement of this embedded checkpoint's export")
@@ -344,7 +366,7 @@ def main() -> None:
                 for batch in BATCHES[model_name]:
                     copies = 1
                     if variant == "ov_w8a8_tables_per_step" and batch == BATCHES[model_name][0]:
-                        copies = args.per_step_copies or (N_STEPS if model_name == "embedded" else 2)
+                        copies = args.per_step_copies
                     spec = {"kind": "torch" if xml is None else "ov", "model": model_name, "xml": xml,
                             "batch": batch, "reps": args.reps, "threads": args.threads, "shape": list(shape),
                             "cond": list(cond) if cond else None, "precision": "f32", "copies": copies}

@@ -61,3 +61,12 @@ def test_timesteps_alone_differ_when_the_training_schedule_changed():
 
 def test_without_step_tables_any_sampler_is_fine():
     check_schedule(_meta(), TIMESTEPS[:5], _unet(False), dict(SAVED, steps=5, eta=0.0))
+
+
+def test_a_checkpoint_older_than_the_guidance_field_reads_as_unguided():
+    """Checkpoints written before the sampler recorded its guidance scale load with guidance 1 (none) and
+    are refused, naming the fix, with any other."""
+    check_schedule(_meta(), TIMESTEPS, _unet(True), dict(SAVED, guidance=1.0))
+    with pytest.raises(UserError, match=r"sampler\.guidance is 3\.0 here, 1\.0 in the checkpoint\. "
+                                        r"Fix: use sampler\.guidance=1\.0 \(the quantize run's sampler\)\.$"):
+        check_schedule(_meta(), TIMESTEPS, _unet(True), dict(SAVED, guidance=3.0))

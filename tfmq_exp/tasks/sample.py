@@ -66,6 +66,9 @@ def load_checkpoint_model(cfg: DictConfig, path: str) -> tuple[Any, dict[str, An
     return model, meta
 
 
+NEUTRAL_SAMPLER = {"guidance": 1.0}  # sampler fields added after the first checkpoints, at their no-op value
+
+
 def check_schedule(meta: dict[str, Any], timesteps: list[int], unet: Any,
                    sampler: dict[str, Any] | None = None) -> None:
     """Per-step tables are indexed by step and were fitted to one sampler's activations: sampling with
@@ -79,6 +82,8 @@ def check_schedule(meta: dict[str, Any], timesteps: list[int], unet: Any,
         return  # one range per quantizer: any schedule reads the same ranges
     saved = (meta.get("sampler") or {}) if sampler is not None else {}  # no description: timesteps only
     now = sampler or {}
+    # a field one side lacks (a checkpoint older than the field) counts as that field's neutral value
+    saved = {k: saved.get(k, NEUTRAL_SAMPLER.get(k)) for k in set(saved) | (set(now) & set(NEUTRAL_SAMPLER))}
     diffs = [k for k in sorted(set(saved) | set(now)) if k in saved and k in now and saved[k] != now[k]]
     diffs += [k for k in sorted(set(saved) ^ set(now)) if saved.get(k, now.get(k)) not in (None, False, 0)]
     calibrated = meta.get("timesteps")

@@ -175,9 +175,10 @@ class ExportConfig:
     """task=export and backend=openvino (conf/export/, docs/deploy.md)."""
 
     format: str = field(default="openvino", metadata=choice("openvino"))
-    # per-step activation tables: runtime (one model, step index as input), per_step (one model per distinct
-    # table), runtime_fq (tables fed to the quantize ops: measured only, the layers then run in float)
-    step_tables: str = field(default="runtime", metadata=choice("runtime", "per_step", "runtime_fq"))
+    # per-step activation tables: per_step (one IR, each step's ranges set before compiling its model; sampled
+    # step-major), runtime (one model, step index as input, rescaling around each layer), runtime_fq (tables
+    # fed to the quantize ops: measured only, the layers then run in float)
+    step_tables: str = field(default="per_step", metadata=choice("per_step", "runtime", "runtime_fq"))
     precision: str = field(default="f32", metadata=choice("f32", "bf16"))  # runtime precision of the FP parts
     threads: int = field(default=0, metadata=at_least(0, zero="the runtime's default"))
     dir: str | None = None  # backend=openvino: the folder task=export wrote

@@ -43,7 +43,7 @@ def test_export_then_sample_with_the_runtime(make_cfg, tmp_path):
     ckpt = make_ckpt(make_cfg, tmp_path / "quantized.safetensors")
     exp_dir = tmp_path / "export"
     exp_dir.mkdir()
-    cfg = make_cfg("task=export", f"ckpt={ckpt}", "export.threads=1", *STEPS)
+    cfg = make_cfg("task=export", f"ckpt={ckpt}", "export.threads=1", "export.step_tables=runtime", *STEPS)
     cfg.paths.output_dir = str(exp_dir)
     res = run(cfg)
     assert res["quantized_layers"] > 30 and res["quantized_layers_not_int8"] == []  # all of them on integers

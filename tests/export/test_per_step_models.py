@@ -89,10 +89,11 @@ def test_per_step_export_samples_step_major_with_one_model_in_memory(make_cfg, t
     ckpt = make_ckpt(make_cfg, tmp_path / "quantized.safetensors")
     exp_dir = tmp_path / "export"
     exp_dir.mkdir()
-    cfg = make_cfg("task=export", f"ckpt={ckpt}", "export.threads=1", "export.step_tables=per_step", *STEPS)
+    cfg = make_cfg("task=export", f"ckpt={ckpt}", "export.threads=1", *STEPS)  # per_step: the default
     cfg.paths.output_dir = str(exp_dir)
     res = run(cfg)
-    assert res["quantized_layers_not_int8"] == [] and res["n_models"] == N_STEPS
+    assert res["step_tables"] == "per_step" and res["n_models"] == N_STEPS
+    assert res["quantized_layers_not_int8"] == []
     assert all(d["rel_l2"] < 0.02 for d in res["unet_vs_fake_quant"].values())  # steps 0, 2, 3 patched
     manifest = json.loads((exp_dir / "export.json").read_text())
     assert sorted(p.name for p in exp_dir.glob("*.xml")) == ["model.xml"]  # one IR on disk

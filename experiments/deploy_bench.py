@@ -151,6 +151,8 @@ def worker(args: argparse.Namespace) -> None:
     if cond:
         feeds["encoder_hidden_states"] = rng.standard_normal((batch, *cond)).astype(np.float32)
     out: dict = {}
+    if spec["kind"] == "paired":
+        return paired_worker(spec, feeds)
     if spec["kind"] == "torch":
         import torch
 
@@ -202,6 +204,86 @@ def worker(args: argparse.Namespace) -> None:
     out["latency_min_ms"] = round(1000 * min(times), 2)
     out["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(out))
+
+
+PAIRED = ("ov_w8a8", "ov_w8a8_tables", "ov_w8a8_tables_per_step")
+
+
+def paired_worker(spec: dict, feeds: dict) -> None:
+    """The single-range model and both per-step forms compiled side by side in one process and called in
+    turn, round after round: load changes hit all three alike, so their ratios are the cleanest figure."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from tfmq_exp.export import openvino_backend as ovb
+
+    models = {}
+    for variant, xml in spec["xmls"].items():
+        model = xml
+        ranges = Path(xml).with_name("step_ranges.npz")
+        if ranges.is_file():
+            import openvino as ov
+
+            model = ov.Core().read_model(xml)
+            with np.load(ranges) as z:
+                ovb.set_fake_quantize_ranges(model, [str(n) for n in z["names"]], z["lo"][1], z["hi"][1])
+        cm = ovb.compile_model(model, "f32", spec["threads"], spec["batch"])
+        names = {n for i in cm.inputs for n in i.get_names()}
+        req = cm.create_infer_request()
+        f = {k: v for k, v in feeds.items() if k in names}
+        req.infer(f)
+        models[variant] = (req, f)
+    times: dict[str, list[float]] = {v: [] for v in models}
+    for _ in range(spec["reps"]):
+        for variant, (req, f) in models.items():
+            t0 = time.perf_counter()
+            req.infer(f)
+            times[variant].append(time.perf_counter() - t0)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    base = med["ov_w8a8"]
+    out = {"latency_ms": {v: round(1000 * m, 2) for v, m in med.items()},
+           "vs_one_range": {v: round(m / base, 4) for v, m in med.items()},
+           "min_ms": {v: round(1000 * min(t), 2) for v, t in times.items()}, "rounds": spec["reps"]}
+    print("RESULT " + json.dumps(out))
+
+
+def run_paired(args: argparse.Namespace, results: dict, out_path: Path) -> None:
+    """Per model and batch: one range, per-step tables as one model (runtime) and per step (one step's model),
+    timed in one process, interleaved."""
+    rows = [r for r in results.get("paired", []) if r["model"] not in args.models]
+    for model_name in args.models:
+        _, shape, cond = build_unet(model_name)
+        with tempfile.TemporaryDirectory() as tmp:
+            xmls, sizes = {}, {}
+            for variant in PAIRED:
+                folder = Path(tmp) / variant
+                folder.mkdir()
+                info = export_variant(model_name, variant, folder, BATCHES[model_name][0])
+                xmls[variant] = str(folder / "model.xml")
+                size = info["size"]
+                sizes[variant] = {"ir_mb": info["ir_mb"], "ranges_kb": info.get("ranges_kb", 0.0),
+                                  "packed_mb": size["packed_mb"], "step_table_mb": size["step_table_mb"]}
+            for batch in BATCHES[model_name]:
+                spec = {"kind": "paired", "model": model_name, "xmls": xmls, "batch": batch, "reps": args.paired,
+                        "threads": args.threads, "shape": list(shape), "cond": list(cond) if cond else None}
+                row = {"model": model_name, "batch": batch, **measure(spec, args.timeout), "sizes": sizes}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                results["paired"] = rows
+                out_path.write_text(json.dumps(results, indent=1))
+
+
+def paired_table(results: dict) -> str:
+    lines = ["| model | batch | one range (ms) | per-step, one model (`runtime`) | per-step, one model per step "
+             "(`per_step`) | rounds |", "|---|---|---|---|---|---|"]
+    for r in results.get("paired", []):
+        if "latency_ms" not in r:
+            lines.append(f"| {r['model']} | {r['batch']} | not measured: {r.get('error', '')[:80]} | | | |")
+            continue
+        lat, rel = r["latency_ms"], r["vs_one_range"]
+        cells = [f"{lat[v]} ({100 * (rel[v] - 1):+.1f}%)" for v in PAIRED[1:]]
+        lines.append(f"| {r['model']} | {r['batch']} | {lat['ov_w8a8']} | {cells[0]} | {cells[1]} | {r['rounds']} |")
+    return "\n".join(lines)
 
 
 def peak_rss_mb() -> float:
@@ -326,6 +408,9 @@ def main() -> None:
     ap.add_argument("--fid-ckpt", help="instead of timing: FID and agreement of this embedded checkpoint's export")
     ap.add_argument("--fid-n", type=int, default=250)
     ap.add_argument("--table", action="store_true", help="print the README table of --out and exit")
+    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                    help="instead of the rows: one range and the two per-step forms timed side by side in one "
+                         "process, ROUNDS interleaved calls each (per model and batch)")
     ap.add_argument("overrides", nargs="*", help="config overrides for --fid-ckpt (e.g. quantizer=tfmq)")
     args = ap.parse_args()
     if args.worker:
@@ -335,6 +420,12 @@ def main() -> None:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     if args.table:
         print(table(results))
+        if results.get("paired"):
+            print()
+            print(paired_table(results))
+        return None
+    if args.paired:
+        run_paired(args, results, out_path)
         return None
     if args.fid_ckpt:
         res = fid_check(args.fid_ckpt, args.fid_n, args.threads, args.overrides)

@@ -153,3 +153,29 @@ def test_a_missing_tokenizer_is_one_clear_line(tmp_path):
     with pytest.raises(UserError, match=r"cannot load the CLIP tokenizer of model 'sd14' \(tried: .*sd/tokenizer, "
                                         r".*clip\)\. Fix: set model.original.tokenizer=PATH"):
         _ = model.tokenizer
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_conditional_latent_model_exports_and_samples_through_the_runtime(make_cfg, tmp_path, folders, kind):
+    """task=export of a conditional latent model takes the context as a model input (class embeddings or
+    text encoder states, with guidance doubling the batch), and backend=openvino samples what the
+    fake-quant model samples from the same noise and contexts (TFMQ: per-step tables, sampled step-major)."""
+    base = model_overrides(kind, folders, make_cfg, tmp_path)
+    run(make_cfg(*SMOKE, *base, "quantizer=tfmq", "bits=w8a8"))
+    ckpt = tmp_path / "q.safetensors"
+    (tmp_path / "quantized.safetensors").rename(ckpt)
+    exp_dir = tmp_path / "export"
+    exp_dir.mkdir()
+    cfg = make_cfg(*SMOKE, *base, "task=export", f"ckpt={ckpt}", "export.threads=1")
+    cfg.paths.output_dir = str(exp_dir)
+    res = run(cfg)
+    assert res["step_tables"] == "per_step" and res["quantized_layers_not_int8"] == []
+    assert json.loads((exp_dir / "export.json").read_text())["conditional"] is True
+    assert all(d["rel_l2"] < 0.05 for d in res["unet_vs_fake_quant"].values())
+    images = {}
+    for backend in ("torch", "openvino"):
+        run(make_cfg(*SMOKE, *base, "task=sample", f"ckpt={ckpt}", f"backend={backend}", f"export.dir={exp_dir}",
+                     "export.threads=1"))
+        images[backend] = np.load(tmp_path / "samples.npz")["arr_0"].astype(np.float64)
+    mse = ((images["torch"] - images["openvino"]) ** 2).mean()
+    assert 10 * np.log10(255**2 / max(mse, 1e-12)) > 30

@@ -55,7 +55,9 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from tfmq_exp.export.deploy_graph import build_deploy_model, has_step_tables, step_table_groups
     from tfmq_exp.export.packing import is_packed, pack_checkpoint
     from tfmq_exp.export.size_report import bops_per_step, size_report
+    from tfmq_exp.diffusion.sampling import unet_fn
     from tfmq_exp.quant.steps import step_context
+    from tfmq_exp.tasks.conditioning import conditioning_for
     from tfmq_exp.tasks.sample import check_schedule
 
     seed_everything(cfg.seed)
@@ -65,16 +67,20 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler = build_sampler(cfg, model)
     check_schedule(meta, sampler.timesteps, unet, sampler.describe())
     shape = image_shape(model)
+    b = int(e.verify_batch)
+    # conditional models (class or text): the context is a model input, shaped as the sampler passes it
+    cond, _ = conditioning_for(cfg, model, b, int(cfg.seed))
+    ctx = None if cond is None else cond.rows(range(b))
+    ctx_shape = None if ctx is None else tuple(ctx.shape[1:])
     timings: dict[str, float] = {}
     sizes = size_report(unet)
-    bops = bops_per_step(unet, shape)
+    bops = bops_per_step(unet, shape, ctx_shape)
     packed_info = None
     if not is_packed(cfg.ckpt):
         packed_info = pack_checkpoint(cfg.ckpt, out / "packed.safetensors")
     tables = has_step_tables(unet)
     mode = e.step_tables if tables else "none"
-    b = int(e.verify_batch)
-    example = ovb.example_inputs(shape, b)
+    example = ovb.example_inputs(shape, b, ctx_shape)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if mode == "per_step":  # one IR with the first group's constants; the others' ranges beside it
@@ -97,7 +103,7 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     manifest = {
         "format": e.format, "step_tables": mode, "models": models, "image_shape": list(shape),
-        "conditional": False, "timesteps": sampler.timesteps, "sampler": sampler.describe(),
+        "conditional": ctx is not None, "timesteps": sampler.timesteps, "sampler": sampler.describe(),
         "model": cfg.model.name, "ckpt": str(cfg.ckpt), "quantizer": meta.get("quantizer"), "bits": meta.get("bits"),
         **extra,
     }
@@ -114,8 +120,8 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
     for i in check_steps:
         t = torch.full((b,), sampler.timesteps[i], dtype=torch.long)
         with torch.no_grad(), step_context(i):
-            ref = unet(x, t).sample
-            got = runner(x, t)
+            ref = unet_fn(unet)(x, t, ctx)
+            got = runner(x, t, ctx)
         diffs[str(i)] = {"max_abs": float((got - ref).abs().max()), "ref_abs_max": float(ref.abs().max()),
                          "rel_l2": float((got - ref).norm() / ref.norm())}
     quantized = sorted(n for n, m in unet.named_modules() if _both_quantized(m))

@@ -917,8 +917,9 @@ def shrunk_warning(res: dict[str, Any]) -> str | None:
 
 
 def tables(res: dict[str, Any], others: list[dict[str, Any]] = ()) -> str:
+    created = ", ".join(r["created"] for r in res.get("runs", [])) or res["created"]
     lines = ["# Cost at scale: the paper presets at the official budget", "",
-             f"Device: {_label(res)}; torch {res['torch']}; {res['created']}; K = {res['iters']} timed iterations per "
+             f"Device: {_label(res)}; torch {res['torch']}; {created}; K = {res['iters']} timed iterations per "
              "unit loop.", "", f"Every total is a {NOTE}."]
     if shrunk_warning(res):
         lines += ["", shrunk_warning(res)]
@@ -999,6 +1000,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="memory a unit loop may use; a larger loop runs at a smaller batch and is scaled "
                          "(default: 40%% of the free RAM, 80%% of the free GPU memory)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the Markdown table goes beside it")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="instead of measuring: join the models of earlier runs (same device and settings) into "
+                         "--out and its table")
     ap.add_argument("--compare", type=Path, nargs="*", default=[],
                     help="result JSONs of other devices, shown beside this run's totals")
     return ap.parse_args(argv)
@@ -1024,8 +1028,37 @@ def check(args: argparse.Namespace) -> torch.device:
     return dev
 
 
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """Runs of a few models each, made one after another, as one result: their models joined (a later run's
+    model replaces an earlier one's); refused when device, threads, shrink or iterations differ."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    keys = ("device", "device_name", "threads", "shrink", "latent_size", "iters", "bits")
+    for p, r in zip(paths[1:], runs[1:]):
+        diff = [k for k in keys if r.get(k) != runs[0].get(k)]
+        if diff:
+            raise CostError(f"--merge {p}: {', '.join(diff)} differ from {paths[0]}; merge runs of one setting only")
+    res = dict(runs[0], models={}, runs=[{"created": r["created"], "models": list(r["models"])} for r in runs])
+    for r in runs:
+        res["models"].update(r["models"])
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.merge:
+        try:
+            missing = [p for p in args.merge if not p.is_file()]
+            if missing:
+                raise CostError(f"--merge {missing[0]}: no such file")
+            res = merge(args.merge)
+        except CostError as err:
+            print(f"cost_at_scale: error: {err}", file=sys.stderr)
+            return 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+        args.out.with_suffix(".md").write_text(tables(res))
+        print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+        return 0
     try:
         dev = check(args)
     except CostError as err:

@@ -208,3 +208,25 @@ def test_a_bad_model_name_is_one_line_and_exit_2(tmp_path, capsys):
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "unknown model 'nope'" in proc.stderr
+
+
+def test_runs_of_a_few_models_each_merge_into_one_table(run, tmp_path, capsys):
+    res, _ = run
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(dict(res, models={"ldm_bedroom": res["models"]["ldm_bedroom"]}, created="day 1")))
+    second.write_text(json.dumps(dict(res, models={k: v for k, v in res["models"].items() if k != "ldm_bedroom"},
+                                      created="day 2")))
+    out = tmp_path / "merged.json"
+    assert cas.main(["--merge", str(first), str(second), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["models"] == res["models"]  # every model, its numbers untouched
+    assert merged["runs"] == [{"created": "day 1", "models": ["ldm_bedroom"]},
+                              {"created": "day 2", "models": ["ldm_cin256", "ldm_ffhq"]}]
+    md = out.with_suffix(".md").read_text()
+    assert "day 1, day 2" in md and all(f"| {m} (paper/" in md for m in MODELS)
+    # runs of another setting do not mix: one line, exit 2, nothing written
+    second.write_text(json.dumps(dict(res, threads=2)))
+    assert cas.main(["--merge", str(first), str(second), "--out", str(tmp_path / "no.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"cost_at_scale: error: --merge {second}: threads differ from {first}")
+    assert not (tmp_path / "no.json").exists()

@@ -120,10 +120,14 @@ def set_fake_quantize_ranges(model: Any, names: list[str], lo: np.ndarray, hi: n
             node.input(i).replace_source_output(op.Constant(np.full(shape, v, np.float32)).output(0))
 
 
+SHAPE_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze")  # the converter moves a FakeQuantize across these
+
+
 def merged_fake_quantize(model: Any, names: list[str]) -> dict[str, str]:
-    """Named activation quantize nodes the converter merged into another (equal constants on the same input,
-    e.g. to_q/to_k/to_v): name -> the node that now feeds its layer. A name whose layer cannot be found
-    maps to ""."""
+    """Named activation quantize nodes that no longer carry their name: the converter merged them into another
+    (equal constants on one input, e.g. to_q/to_k/to_v) or moved them across a transpose or reshape (which then
+    takes the name). Name -> the quantize node that now feeds the layer, found by walking up from the layer's
+    input through such shape ops; "" when there is none."""
     present = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"}
     merged = {}
     for name in names:
@@ -132,11 +136,14 @@ def merged_fake_quantize(model: Any, names: list[str]) -> dict[str, str]:
         layer = name.split(".act/")[0] + "/"
         merged[name] = ""
         for op in model.get_ops():
-            if op.get_friendly_name().startswith(layer) and op.get_type_name() in ("MatMul", "Convolution"):
-                src = op.input(0).get_source_output().get_node()
-                if src.get_type_name() == "FakeQuantize":
-                    merged[name] = src.get_friendly_name()
-                    break
+            if not (op.get_friendly_name().startswith(layer) and op.get_type_name() in ("MatMul", "Convolution")):
+                continue
+            src = op.input(0).get_source_output().get_node()
+            while src.get_type_name() in SHAPE_OPS:
+                src = src.input(0).get_source_output().get_node()
+            if src.get_type_name() == "FakeQuantize":
+                merged[name] = src.get_friendly_name()
+                break
     return merged
 
 

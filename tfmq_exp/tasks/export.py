@@ -52,10 +52,10 @@ def run_export(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ovb.require_openvino()
     if not cfg.ckpt:
         raise UserError("task=export needs a quantized checkpoint. Fix: add ckpt=PATH/quantized.safetensors.")
+    from tfmq_exp.diffusion.sampling import unet_fn
     from tfmq_exp.export.deploy_graph import build_deploy_model, has_step_tables, step_table_groups
     from tfmq_exp.export.packing import is_packed, pack_checkpoint
     from tfmq_exp.export.size_report import bops_per_step, size_report
-    from tfmq_exp.diffusion.sampling import unet_fn
     from tfmq_exp.quant.steps import step_context
     from tfmq_exp.tasks.conditioning import conditioning_for
     from tfmq_exp.tasks.sample import check_schedule
@@ -164,13 +164,17 @@ def write_step_ranges(path: Path, ov_model: Any, deploy: Any, groups: list[list[
     ranges = baked_step_ranges(deploy, [g[0] for g in groups])
     owner = {n: n for n in ranges}
     for name, into in ovb.merged_fake_quantize(ov_model, sorted(ranges)).items():
-        # the converter merged equal quantize nodes on one input (to_q, to_k, to_v): one node, one table,
-        # right only if their tables are equal at every step
+        # the converter moved the node (across a transpose: the table follows it) or merged equal nodes on one
+        # input (to_q, to_k, to_v: one node, one table, right only if their tables are equal at every step)
         mine = ranges.pop(name)
         if into and into not in ranges:
             ranges[into], owner[into] = mine, name
-        elif not into or not all(torch.equal(a, b) for a, b in zip(mine, ranges[into])):
-            other = owner.get(into, "").split(".act/")[0].removeprefix("__module.unet.") or "another quantizer"
+        elif not into:
+            layer = name.split(".act/")[0].removeprefix("__module.unet.")
+            raise UserError(f"per-step export: the quantizer of {layer} has no quantize node in the converted model. "
+                            "Fix: export with export.step_tables=runtime.")
+        elif not all(torch.equal(a, b) for a, b in zip(mine, ranges[into])):
+            other = owner.get(into, "").split(".act/")[0].removeprefix("__module.unet.")
             raise UserError(
                 f"per-step export: the converter merged the input quantizers of "
                 f"{name.split('.act/')[0].removeprefix('__module.unet.')} and {other} (one input, equal ranges at "

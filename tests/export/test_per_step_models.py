@@ -138,3 +138,27 @@ def test_the_runner_keeps_at_most_max_models_compiled(w8a8_tables, tmp_path):
         assert got.shape == (5, *SHAPE) and float((got - ref).norm() / ref.norm()) < 0.05
         assert len({k for k, _ in runner._compiled}) <= 2
     assert runner.stats["compiles"] == 4  # 0, 1, 2, 3: step 0 stayed the most recently used
+
+
+def test_a_step_model_executes_the_single_range_graph():
+    """Why per_step costs nothing per call: the runtime executes a step's model as the same layers in the same
+    precisions as a model with one range per quantizer (only constants differ; an 8-bit input is u8 or i8 by
+    the sign of its range), while the one-model form adds layers."""
+    def executed(model):
+        cm = ovb.compile_model(model, "f32", threads=1, batch=2)
+        ops = cm.get_runtime_model().get_ops()
+        prec = {"u8": "int8", "i8": "int8"}
+        return sorted((op.get_rt_info()["layerType"].astype(str),
+                       prec.get(p := op.get_rt_info()["runtimePrecision"].astype(str), p)) for op in ops)
+
+    example = ovb.example_inputs(SHAPE, 2)
+    one_range = executed(ovb.convert(build_deploy_model(quantize_rtn(tiny_unet(), 8)), example))
+    q = quantize_rtn(tiny_unet(), 8, tables=True)
+    deploy = build_deploy_model(q, "per_step", step=0)
+    model = ovb.convert(deploy, example)
+    ranges = baked_step_ranges(deploy, [2])
+    names = [n for n in sorted(ranges) if n not in ovb.merged_fake_quantize(model, sorted(ranges))]
+    ovb.set_fake_quantize_ranges(model, names, np.array([ranges[n][0][0] for n in names]),
+                                 np.array([ranges[n][1][0] for n in names]))
+    assert executed(model) == one_range
+    assert len(executed(ovb.convert(build_deploy_model(q, "runtime"), example))) > len(one_range)

@@ -274,14 +274,15 @@ def run_paired(args: argparse.Namespace, results: dict, out_path: Path) -> None:
 
 
 def paired_table(results: dict) -> str:
-    lines = ["| model | batch | one range (ms) | per-step, one model (`runtime`) | per-step, one model per step "
-             "(`per_step`) | rounds |", "|---|---|---|---|---|---|"]
+    lines = ["| model | batch | one range (ms) | per-step, one model (`runtime`) (ms) | per-step, one model per step "
+             "(`per_step`) (ms) | rounds |", "|---|---|---|---|---|---|"]
     for r in results.get("paired", []):
         if "latency_ms" not in r:
             lines.append(f"| {r['model']} | {r['batch']} | not measured: {r.get('error', '')[:80]} | | | |")
             continue
-        lat, rel = r["latency_ms"], r["vs_one_range"]
-        cells = [f"{lat[v]} ({100 * (rel[v] - 1):+.1f}%)" for v in PAIRED[1:]]
+        lat, rel, fast = r["latency_ms"], r["vs_one_range"], r["min_ms"]
+        cells = [f"{lat[v]} ({100 * (rel[v] - 1):+.1f}%; fastest call {100 * (fast[v] / fast['ov_w8a8'] - 1):+.1f}%)"
+                 for v in PAIRED[1:]]
         lines.append(f"| {r['model']} | {r['batch']} | {lat['ov_w8a8']} | {cells[0]} | {cells[1]} | {r['rounds']} |")
     return "\n".join(lines)
 

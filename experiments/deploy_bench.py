@@ -170,20 +170,9 @@ def worker(args: argparse.Namespace) -> None:
         sys.path.insert(0, str(ROOT))
         from tfmq_exp.export import openvino_backend as ovb  # no torch in this process
 
-        ranges = Path(spec["xml"]).with_name("step_ranges.npz")
-
-        def load():  # a per-step export: the IR with another step's ranges set, as the sampler switches steps
-            if not ranges.is_file():
-                return spec["xml"]
-            import openvino as ov
-
-            model = ov.Core().read_model(spec["xml"])
-            with np.load(ranges) as z:
-                ovb.set_fake_quantize_ranges(model, [str(n) for n in z["names"]], z["lo"][1], z["hi"][1])
-            return model
-
         t0 = time.perf_counter()
-        compiled = [ovb.compile_model(load(), spec["precision"], threads, batch) for _ in range(spec["copies"])]
+        compiled = [ovb.compile_model(load_ir(spec["xml"]), spec["precision"], threads, batch)
+                    for _ in range(spec["copies"])]
         out["compile_s"] = round((time.perf_counter() - t0) / spec["copies"], 3)
         cm = compiled[0]
         rep = ovb.precision_report(cm)
@@ -209,25 +198,23 @@ def worker(args: argparse.Namespace) -> None:
 PAIRED = ("ov_w8a8", "ov_w8a8_tables", "ov_w8a8_tables_per_step")
 
 
+def load_ir(xml: str):  # noqa: ANN201
+    """An exported IR; a per-step export's with step 1's ranges set, as the sampler loads a step's model."""
+    from tfmq_exp.export import openvino_backend as ovb
+
+    ranges = Path(xml).with_name("step_ranges.npz")
+    return ovb.read_step_model(xml, ovb.load_step_ranges(ranges), 1) if ranges.is_file() else xml
+
+
 def paired_worker(spec: dict, feeds: dict) -> None:
     """The single-range model and both per-step forms compiled side by side in one process and called in
     turn, round after round: load changes hit all three alike, so their ratios are the cleanest figure."""
-    import numpy as np
-
     sys.path.insert(0, str(ROOT))
     from tfmq_exp.export import openvino_backend as ovb
 
     models = {}
     for variant, xml in spec["xmls"].items():
-        model = xml
-        ranges = Path(xml).with_name("step_ranges.npz")
-        if ranges.is_file():
-            import openvino as ov
-
-            model = ov.Core().read_model(xml)
-            with np.load(ranges) as z:
-                ovb.set_fake_quantize_ranges(model, [str(n) for n in z["names"]], z["lo"][1], z["hi"][1])
-        cm = ovb.compile_model(model, "f32", spec["threads"], spec["batch"])
+        cm = ovb.compile_model(load_ir(xml), "f32", spec["threads"], spec["batch"])
         names = {n for i in cm.inputs for n in i.get_names()}
         req = cm.create_infer_request()
         f = {k: v for k, v in feeds.items() if k in names}

@@ -147,6 +147,20 @@ def merged_fake_quantize(model: Any, names: list[str]) -> dict[str, str]:
     return merged
 
 
+def load_step_ranges(path: str | Path) -> dict[str, Any]:
+    """A per-step export's ``step_ranges.npz``: quantize node names and, per table set, their low and high ends."""
+    with np.load(path) as z:
+        return {"names": [str(n) for n in z["names"]], "lo": z["lo"], "hi": z["hi"]}
+
+
+def read_step_model(xml: str | Path, ranges: dict[str, Any] | None = None, row: int = 0) -> Any:
+    """The IR at ``xml``; with ``ranges``, table set ``row`` set into its quantize nodes (that step's model)."""
+    model = require_openvino().Core().read_model(str(xml))
+    if ranges is not None:
+        set_fake_quantize_ranges(model, ranges["names"], ranges["lo"][row], ranges["hi"][row])
+    return model
+
+
 def _fake_quantize_nodes(model: Any, names: list[str]) -> dict[str, Any]:
     nodes = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"}
     missing = [n for n in names if n not in nodes]
@@ -218,10 +232,8 @@ class OpenVINOUNet:
         for k, m in enumerate(self.manifest["models"]):
             for s in m["steps"] or []:
                 self.step_to_model[int(s)] = k
-        self.ranges = None
-        if self.manifest.get("step_ranges"):
-            with np.load(self.dir / self.manifest["step_ranges"]) as z:
-                self.ranges = {"names": [str(n) for n in z["names"]], "lo": z["lo"], "hi": z["hi"]}
+        ranges = self.manifest.get("step_ranges")
+        self.ranges = load_step_ranges(self.dir / ranges) if ranges else None
         self._compiled: dict[tuple[int, int], Any] = {}  # insertion order = use order (LRU)
         self.stats = {"compiles": 0, "compile_s": 0.0}
 
@@ -256,11 +268,8 @@ class OpenVINOUNet:
                 del self._compiled[old]
         t0 = time.perf_counter()
         entry = self.manifest["models"][k]
-        ov = require_openvino()
-        model = ov.Core().read_model(str(self.dir / entry["xml"]))
-        if self.ranges is not None and entry.get("ranges") is not None:
-            r = int(entry["ranges"])
-            set_fake_quantize_ranges(model, self.ranges["names"], self.ranges["lo"][r], self.ranges["hi"][r])
+        row = entry.get("ranges")
+        model = read_step_model(self.dir / entry["xml"], self.ranges if row is not None else None, int(row or 0))
         self._compiled[key] = compile_model(model, self.precision, self.threads, batch)
         self.stats["compiles"] += 1
         self.stats["compile_s"] = round(self.stats["compile_s"] + time.perf_counter() - t0, 3)

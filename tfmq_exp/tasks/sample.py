@@ -118,7 +118,6 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
         model_fn, meta = openvino_model_fn(cfg, sampler, meta)
         batch = sampling_batch(cfg, model_fn)
-    runner = model_fn
     n = int(cfg.n_compare)
     what = f"samples of {cfg.ckpt or 'the FP model'}"
     cond, cond_info = conditioning_for(cfg, model, n, int(cfg.seed))
@@ -146,9 +145,9 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "timings": timings,
         "complete": True,
     }
-    if hasattr(runner, "stats"):  # the runtime: how many models it compiled, and the time that took
-        results["openvino"] = dict(runner.stats, sampling_batch=batch, call_batch=runner.call_batch or batch,
-                                   step_tables=runner.manifest.get("step_tables"))
+    if hasattr(model_fn, "stats"):  # the runtime: how many models it compiled, and the time that took
+        results["openvino"] = dict(model_fn.stats, sampling_batch=batch, call_batch=model_fn.call_batch or batch,
+                                   step_tables=model_fn.manifest.get("step_tables"))
     write_json(out / "results.json", results)
     log.info("wrote %d samples to %s", n, out / "samples.npz")
     return results

@@ -30,13 +30,3 @@ def make_cfg(tmp_path, cache_dir):
             )
 
     return _make
-
-
-LAST = ("test_per_step_models.py", "test_conditional_latent_model_exports")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    """The per-step runtime tests run last: in this test process, forking a subprocess after them (as the
-    CLI tests do) crashed the process on the 2-core CI machine (a segmentation fault not yet explained;
-    see the closing note of issue 13). Order only; every test still runs."""
-    items.sort(key=lambda item: any(k in item.nodeid for k in LAST))

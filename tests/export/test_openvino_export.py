@@ -43,6 +43,18 @@ def run_compiled(cm, x, t, step):
     return torch.from_numpy(out[cm.outputs[0]])
 
 
+def test_a_converted_model_owns_its_constants(w8a8_tables):
+    """The converted model outlives the DeployUNet it was traced from (``convert(build_deploy_model(..))``), so
+    none of its constants may point into that module's tensors: with the converter's default memory sharing,
+    118 of them did, and the freed memory crashed long test runs."""
+    deploy = build_deploy_model(w8a8_tables, "per_step", step=1)
+    torch_mem = {t.data_ptr() for t in [*deploy.parameters(), *deploy.buffers()]}
+    model = ovb.convert(deploy, ovb.example_inputs(SHAPE, 2))
+    consts = [op.get_data() for op in model.get_ops() if op.get_type_name() == "Constant"]
+    assert len(consts) > 100 and len(torch_mem) > 100
+    assert not torch_mem & {c.__array_interface__["data"][0] for c in consts}
+
+
 @pytest.mark.parametrize("mode", ["runtime", "per_step"])
 @pytest.mark.parametrize("tables", ["w8a8_tables", "w8a8_scale_tables"])
 def test_deploy_graph_in_torch_matches_fake_quant(tables, mode, request):

@@ -225,7 +225,7 @@ def test_runs_of_a_few_models_each_merge_into_one_table(run, tmp_path, capsys):
     md = out.with_suffix(".md").read_text()
     assert "day 1, day 2" in md and all(f"| {m} (paper/" in md for m in MODELS)
     # runs of another setting do not mix: one line, exit 2, nothing written
-    second.write_text(json.dumps(dict(res, threads=2)))
+    second.write_text(json.dumps(dict(res, threads=res["threads"] + 1)))
     assert cas.main(["--merge", str(first), str(second), "--out", str(tmp_path / "no.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"cost_at_scale: error: --merge {second}: threads differ from {first}")

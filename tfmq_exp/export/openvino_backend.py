@@ -47,7 +47,11 @@ def example_inputs(image_shape: tuple[int, ...], batch: int, cond: tuple[int, in
 
 
 def convert(deploy: Any, example: dict[str, Any], dynamic_batch: bool = True) -> Any:
-    """ov.Model of a DeployUNet (traced), with a dynamic batch dimension when ``dynamic_batch``."""
+    """ov.Model of a DeployUNet (traced), with a dynamic batch dimension when ``dynamic_batch``.
+
+    The model owns its constants (``share_weights=False``): by default the converter points constants at the
+    torch tensors' memory without keeping them alive, so a model outliving its DeployUNet (the usual case:
+    ``convert(build_deploy_model(...), ...)``) read freed memory, which crashed long test runs at random."""
     ov = require_openvino()
     import warnings
 
@@ -55,7 +59,7 @@ def convert(deploy: Any, example: dict[str, Any], dynamic_batch: bool = True) ->
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        model = ov.convert_model(deploy, example_input=tuple(example.values()))
+        model = ov.convert_model(deploy, example_input=tuple(example.values()), share_weights=False)
     for inp, name in zip(model.inputs, example):
         inp.get_tensor().set_names({name})
     if dynamic_batch:

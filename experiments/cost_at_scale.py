@@ -740,10 +740,13 @@ def project(entry: dict[str, Any], method: str) -> dict[str, Any]:
     share = sum(2 * units[n]["prefix_flops"] + units[n]["flops"] for n in m["weight_units"]) / total_flops
     capture_pass = bm["pool_size"] * per_sample * share
     lsq = bm["lsq"] and bm["act_iters"] > 0 and "lsq" in m["fits"]
+    # the LSQ stage's FP inputs and targets: one pass up to and through each unit (none for the units whose
+    # weight-stage capture fits in recon.keep_fp_gb, which at these pool sizes holds few: not counted)
+    lsq_share = sum(units[n]["prefix_flops"] + units[n]["flops"] for n in m["weight_units"]) / total_flops
     parts = {
         "adaround_s": bm["iters"] / 100 * fitted("adaround"),
         "lsq_s": bm["act_iters"] / 100 * fitted("lsq") if lsq else 0.0,
-        "captures_s": capture_pass * (2 if lsq else 1),
+        "captures_s": capture_pass + (bm["pool_size"] * per_sample * lsq_share if lsq else 0.0),
         "tiar_s": bm["iters"] / 100 * tf["tiar"]["s_per_100"] if bm["tiar"] else 0.0,
         "fsc_s": b["steps"] * tf["fsc"]["per_step_s"] if method == "tfmq" and "fsc" in tf else 0.0,
         "act_init_s": 0.0,
@@ -1030,16 +1033,21 @@ def check(args: argparse.Namespace) -> torch.device:
 
 def merge(paths: list[Path]) -> dict[str, Any]:
     """Runs of a few models each, made one after another, as one result: their models joined (a later run's
-    model replaces an earlier one's); refused when device, threads, shrink or iterations differ."""
+    model replaces an earlier one's; a merged file brings its run history), each projection recomputed from
+    its measured parts; refused when device, threads, shrink or iterations differ."""
     runs = [json.loads(p.read_text()) for p in paths]
     keys = ("device", "device_name", "threads", "shrink", "latent_size", "iters", "bits")
     for p, r in zip(paths[1:], runs[1:]):
         diff = [k for k in keys if r.get(k) != runs[0].get(k)]
         if diff:
             raise CostError(f"--merge {p}: {', '.join(diff)} differ from {paths[0]}; merge runs of one setting only")
-    res = dict(runs[0], models={}, runs=[{"created": r["created"], "models": list(r["models"])} for r in runs])
+    history = [h for r in runs for h in r.get("runs") or [{"created": r["created"], "models": list(r["models"])}]]
+    res = dict(runs[0], models={}, runs=history)
     for r in runs:
         res["models"].update(r["models"])
+    for entry in res["models"].values():  # projections by the current formula, from the measured parts
+        for method in entry["methods"]:
+            entry["methods"][method]["projection"] = project(entry, method)
     return res
 
 

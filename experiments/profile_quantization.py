@@ -29,6 +29,7 @@ CONF = ROOT / "conf"
 PARTS = [
     ("tfmq_exp.methods.pipeline", "capture_inputs", "capture unit inputs"),
     ("tfmq_exp.methods.pipeline", "capture_outputs", "capture FP targets"),
+    ("tfmq_exp.methods.pipeline", "capture_io", "capture FP inputs and targets (one pass)"),
     ("tfmq_exp.methods.reconstruction", "weight_stage", "weight stage (units)"),
     ("tfmq_exp.methods.reconstruction", "tiar_stage", "TIAR (temporal block AdaRound)"),
     ("tfmq_exp.methods.pipeline", "optimize_rounding", "AdaRound loops (incl. TIAR's)"),

@@ -146,3 +146,25 @@ def test_missing_runtime_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(UserError, match=r"OpenVINO runtime is not installed.*pip install -e \"\.\[deploy\]\""):
         ovb.require_openvino()
+
+
+def test_compiled_models_freed_oldest_first_leave_a_live_signal_stack(w8a8_tables):
+    """OpenVINO gives each compiled model a signal stack and, freeing it, restores the one current at its
+    compile: freed oldest first, that was the other model's stack, already unmapped, and the next signal
+    (a subprocess's SIGCHLD under torch's data-loader handler) crashed the test process. Every compile now
+    starts from a stack owned by tfmq_exp, so that is what any freed model restores."""
+    import gc
+
+    from tfmq_exp.export import signal_stack
+
+    model = ovb.convert(build_deploy_model(w8a8_tables, "per_step", step=0), ovb.example_inputs(SHAPE, 2))
+    a = ovb.compile_model(model, "f32", threads=1, batch=2)
+    a_stack = signal_stack.current()
+    b = ovb.compile_model(model, "f32", threads=1, batch=2)
+    assert signal_stack.current()[0] not in (0, a_stack[0])  # the runtime's own stacks, one per model
+    del a
+    gc.collect()
+    del b
+    gc.collect()
+    sp, size, flags = signal_stack.current()
+    assert (sp, size) == signal_stack.owned() and flags == 0 and sp != a_stack[0]

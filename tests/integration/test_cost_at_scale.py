@@ -102,11 +102,13 @@ def test_the_projection_is_the_sum_of_its_parts(run):
             lsq = method != "tfmq"
             share = sum(2 * units[n]["prefix_flops"] + units[n]["flops"] for n in m["weight_units"])
             share /= e["arch"]["forward_flops"]
+            lsq_share = sum(units[n]["prefix_flops"] + units[n]["flops"] for n in m["weight_units"])
+            lsq_share /= e["arch"]["forward_flops"]
             fsc = tf["fsc"]
             want = {
                 "adaround_s": loop_s("adaround", 20000),
                 "lsq_s": loop_s("lsq", 5000) if lsq else 0.0,
-                "captures_s": bm["pool_size"] * per_sample * share * (2 if lsq else 1),
+                "captures_s": bm["pool_size"] * per_sample * (share + (lsq_share if lsq else 0.0)),
                 "tiar_s": 200 * tf["tiar"]["s_per_100"] if method == "tfmq" else 0.0,
                 "fsc_s": b["steps"] * (fsc["init_s"] + b["fsc_per_step"] / 16 * fsc["ema_s"]) if method == "tfmq"
                 else 0.0,
@@ -213,17 +215,23 @@ def test_a_bad_model_name_is_one_line_and_exit_2(tmp_path, capsys):
 def test_runs_of_a_few_models_each_merge_into_one_table(run, tmp_path, capsys):
     res, _ = run
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    first.write_text(json.dumps(dict(res, models={"ldm_bedroom": res["models"]["ldm_bedroom"]}, created="day 1")))
+    stale = json.loads(json.dumps(res["models"]["ldm_bedroom"]))
+    stale["methods"]["qdiff"]["projection"]["total_s"] = -1.0  # written by an older projection formula
+    first.write_text(json.dumps(dict(res, models={"ldm_bedroom": stale}, created="day 1")))
     second.write_text(json.dumps(dict(res, models={k: v for k, v in res["models"].items() if k != "ldm_bedroom"},
                                       created="day 2")))
     out = tmp_path / "merged.json"
     assert cas.main(["--merge", str(first), str(second), "--out", str(out)]) == 0
     merged = json.loads(out.read_text())
-    assert merged["models"] == res["models"]  # every model, its numbers untouched
+    assert merged["models"] == res["models"]  # every model, its measured numbers untouched, the stale projection redone
     assert merged["runs"] == [{"created": "day 1", "models": ["ldm_bedroom"]},
                               {"created": "day 2", "models": ["ldm_cin256", "ldm_ffhq"]}]
     md = out.with_suffix(".md").read_text()
     assert "day 1, day 2" in md and all(f"| {m} (paper/" in md for m in MODELS)
+    # a merged file merged again (alone: the projections recomputed) keeps its run history
+    again = tmp_path / "again.json"
+    assert cas.main(["--merge", str(out), "--out", str(again)]) == 0
+    assert json.loads(again.read_text()) == merged
     # runs of another setting do not mix: one line, exit 2, nothing written
     second.write_text(json.dumps(dict(res, threads=res["threads"] + 1)))
     assert cas.main(["--merge", str(first), str(second), "--out", str(tmp_path / "no.json")]) == 2

@@ -69,32 +69,26 @@ def full_loss(q: TwoUnits, fp: TwoUnits, pool, p: float = 2.4) -> float:
 def test_inputs_and_targets_come_from_the_fp_model(monkeypatch):
     fp, q, pool, units = setup()
     seen = []
-    real_in, real_out = pipeline.capture_inputs, pipeline.capture_outputs
+    real = pipeline.capture_io
 
-    def cap_in(model, unit, batches, run, storage="cpu"):
-        out = real_in(model, unit, batches, run, storage)
-        seen.append(("inputs", model, unit, out.args[0].data))
-        return out
+    def spy(model, unit, batches, run, storage="cpu", desc=None):
+        inputs, targets = real(model, unit, batches, run, storage)
+        seen.append((model, unit, inputs.args[0].data, targets))
+        return inputs, targets
 
-    def cap_out(model, unit, batches, run, storage="cpu"):
-        out = real_out(model, unit, batches, run, storage)
-        seen.append(("targets", model, unit, out))
-        return out
-
-    monkeypatch.setattr(pipeline, "capture_inputs", cap_in)
-    monkeypatch.setattr(pipeline, "capture_outputs", cap_out)
+    monkeypatch.setattr(pipeline, "capture_io", spy)
     with torch.no_grad():
         quantized_in = q.u1(pool.x) * scale_of(pool.t)  # what asym caching would give u2
     pipeline.lsq_stage(q, fp, units, pool, ReconSettings(act_iters=5, batch_size=16), FabricRunner(), 0)
 
-    assert [(w, m is fp, u is getattr(fp, n)) for (w, m, u, _), n in zip(seen, ["u1", "u1", "u2", "u2"])] == [
-        ("inputs", True, True), ("targets", True, True), ("inputs", True, True), ("targets", True, True)]
+    assert [(m is fp, u is getattr(fp, n)) for (m, u, _, _), n in zip(seen, ["u1", "u2"])] == [(True, True)] * 2
+    assert len(seen) == 2  # one FP pass per unit: inputs and targets together
     with torch.no_grad():
         fp_in = fp.u1(pool.x) * scale_of(pool.t)
-        torch.testing.assert_close(seen[0][3], pool.x, **CLOSE)
-        torch.testing.assert_close(seen[1][3], fp.u1(pool.x), **CLOSE)
-        torch.testing.assert_close(seen[2][3], fp_in, **CLOSE)
-        torch.testing.assert_close(seen[3][3], fp.u2(fp_in), **CLOSE)
+        torch.testing.assert_close(seen[0][2], pool.x, **CLOSE)
+        torch.testing.assert_close(seen[0][3], fp.u1(pool.x), **CLOSE)
+        torch.testing.assert_close(seen[1][2], fp_in, **CLOSE)
+        torch.testing.assert_close(seen[1][3], fp.u2(fp_in), **CLOSE)
     assert (quantized_in - fp_in).abs().max() > 1e-2  # asym inputs would be different
 
 
@@ -169,3 +163,64 @@ def test_per_tensor_weight_quantizers_are_not_learned():
     pipeline.lsq_stage(q, fp, units, pool, ReconSettings(act_iters=20, act_lr=2e-3, batch_size=16), FabricRunner(), 0)
     assert all(torch.equal(w.scale, b) for w, b in zip(weights, before)), [(float(b), float(w.scale))
                                                                             for w, b in zip(weights, before)]
+
+
+class InPlace(nn.Module):
+    """A unit that overwrites its input (as an in-place activation would)."""
+
+    def forward(self, x):
+        return x.mul_(2).add_(1)
+
+
+def test_one_pass_capture_gives_the_inputs_and_outputs_of_two_passes():
+    from tfmq_exp.recon.capture import capture_inputs, capture_io, capture_outputs
+
+    fp, _, pool, _ = setup()
+    net = nn.Sequential(nn.Conv2d(2, 2, 1), InPlace(), nn.Conv2d(2, 2, 1))
+
+    def run(model, batch):
+        return model(batch.x, batch.t) if model is fp else model(batch.x)
+
+    for model, unit in ((fp, fp.u2), (net, net[1])):
+        inputs, outputs = capture_io(model, unit, pool.batches(20), run)
+        want_in = capture_inputs(model, unit, pool.batches(20), run)
+        want_out = capture_outputs(model, unit, pool.batches(20), run)
+        assert inputs.n == want_in.n == 64 and len(inputs.args) == len(want_in.args) == 1
+        assert torch.equal(inputs.args[0].data, want_in.args[0].data)
+        assert torch.equal(outputs, want_out)
+    with torch.no_grad():  # the in-place unit: its input as it was before the unit changed it
+        torch.testing.assert_close(inputs.args[0].data, net[0](pool.x), **CLOSE)
+        torch.testing.assert_close(outputs, net[0](pool.x) * 2 + 1, **CLOSE)
+
+
+def test_fp_captures_kept_from_the_weight_stage_give_the_same_lsq_result(monkeypatch):
+    """Q-Diffusion's LSQ stage needs each unit's FP inputs and targets, which the weight stage's FP pass can
+    capture at once: kept, the LSQ stage runs no FP forward and learns the same steps bit for bit; a budget
+    that holds one unit keeps that one and the other is recaptured."""
+    from tfmq_exp.recon.capture import FPCache
+
+    def quantize(budget):
+        fp, q, pool, units = setup(poor=3.0)
+        kept = None if budget is None else FPCache(budget)
+        s = ReconSettings(iters=10, batch_size=16, act_iters=20, act_lr=2e-3)
+        pipeline.weight_stage(q, fp, units, pool, s, FabricRunner(), 0, keep_fp=kept)
+        pipeline.init_activations(q, pool, 32, seed=0, running_stat=False, batch_size=32)
+        for a in activation_quantizers(q):
+            if a.n_bits < 16:
+                a.scale = a.scale * 3.0
+        calls = []
+        hook = fp.register_forward_pre_hook(lambda *_: calls.append(1))
+        pipeline.lsq_stage(q, fp, units, pool, s, FabricRunner(), 0, kept=kept)
+        hook.remove()
+        return {k: v.clone() for k, v in q.state_dict().items()}, len(calls), kept
+
+    ref, ref_calls, _ = quantize(None)
+    got, calls, kept = quantize(2**30)
+    one, one_calls, one_kept = quantize(64 * (4 * 2 * 36 + 4 * 4 * 36) + 1)  # u1's inputs and outputs only
+    # 64 samples in batches of 32: two FP forwards per recaptured unit
+    assert (ref_calls, calls, one_calls) == (4, 0, 2)
+    assert kept.units == {} and one_kept.units == {}  # released as the LSQ stage used them
+    assert ref.keys() == got.keys() == one.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]) and torch.equal(ref[k], one[k]), k
+    assert any(not torch.equal(ref[k], setup()[1].state_dict()[k]) for k in ref if k.endswith("scale"))

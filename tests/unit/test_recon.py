@@ -80,13 +80,16 @@ class _IndexedCpuRunner(FabricRunner):
         return torch.device("cpu", 0)
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("cache_on", ["device", "host"])
-def test_caches_live_where_cache_on_puts_them(monkeypatch, cache_on):
-    """Both stages pass the storage cache_on names to the capture, and the cached tensors are there."""
+def test_caches_live_where_cache_on_puts_them(monkeypatch, cache_on, keep):
+    """Both stages pass the storage cache_on names to the capture, and the cached tensors are there (also
+    the FP inputs and targets the weight stage keeps for the LSQ stage)."""
     import tfmq_exp.methods.pipeline as pipeline
+    from tfmq_exp.recon.capture import FPCache
 
     seen = []
-    real_in, real_out = pipeline.capture_inputs, pipeline.capture_outputs
+    real_in, real_out, real_io = pipeline.capture_inputs, pipeline.capture_outputs, pipeline.capture_io
 
     def cap_in(model, unit, batches, run, storage="cpu", desc=None):
         out = real_in(model, unit, batches, run, storage)
@@ -98,17 +101,25 @@ def test_caches_live_where_cache_on_puts_them(monkeypatch, cache_on):
         seen.append((storage, out.device))
         return out
 
+    def cap_io(model, unit, batches, run, storage="cpu", desc=None):
+        inputs, out = real_io(model, unit, batches, run, storage)
+        seen.extend([(storage, inputs.args[0].data.device), (storage, out.device)])
+        return inputs, out
+
     monkeypatch.setattr(pipeline, "capture_inputs", cap_in)
     monkeypatch.setattr(pipeline, "capture_outputs", cap_out)
+    monkeypatch.setattr(pipeline, "capture_io", cap_io)
     fp, q, rec = _setup()
     pool, runner = rec.pool(1), _IndexedCpuRunner()
     unit = SimpleNamespace(name="block", module=q.block, kind="block")
     s = ReconSettings(iters=5, batch_size=16, act_iters=5)
-    weight_stage(q, fp, [unit], pool, s, runner, seed=0, cache_on=cache_on)
+    kept = FPCache(2**30) if keep else None
+    weight_stage(q, fp, [unit], pool, s, runner, seed=0, cache_on=cache_on, keep_fp=kept)
     init_activations(q, pool, 16, seed=0, running_stat=False, batch_size=16)
-    lsq_stage(q, fp, [unit], pool, s, runner, seed=0, cache_on=cache_on)
+    lsq_stage(q, fp, [unit], pool, s, runner, seed=0, cache_on=cache_on, kept=kept)
     expected = runner.device if cache_on == "device" else torch.device("cpu")
-    assert len(seen) == 4  # inputs and targets of each stage
+    # weight stage: its inputs, FP targets (+ FP inputs when kept); LSQ stage: FP inputs and targets unless kept
+    assert len(seen) == (3 if keep else 4)
     assert all(torch.device(storage) == expected and dev.type == expected.type for storage, dev in seen), seen
 
 

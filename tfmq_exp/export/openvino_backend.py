@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tfmq_exp.errors import UserError  # torch is imported where needed: the benchmark's runtime workers go without it
+from tfmq_exp.export import signal_stack
 
 COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution")
 INT_PRECISIONS = ("u8", "i8")
@@ -99,6 +100,7 @@ def compile_model(model: Any, precision: str = "f32", threads: int = 0, batch: i
     cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    signal_stack.install()  # what the compiled model restores when freed must be a live stack
     return core.compile_model(model, "CPU", cfg)
 
 

@@ -23,7 +23,7 @@ from tfmq_exp.quant.quantizer import UniformQuantizer
 from tfmq_exp.quant.steps import step_context
 from tfmq_exp.quant.swap import activation_quantizers
 from tfmq_exp.quant.swap import set_quant_state as _set_layers
-from tfmq_exp.recon.capture import capture_inputs, capture_outputs
+from tfmq_exp.recon.capture import FPCache, capture_inputs, capture_io, capture_outputs
 from tfmq_exp.recon.engine import FabricRunner, ReconSettings, lp_loss, optimize_rounding, optimize_steps
 
 log = logging.getLogger("tfmq_exp")
@@ -105,7 +105,7 @@ def weight_quantizers_of(layers: list[QuantMixin]) -> list[UniformQuantizer]:
 def weight_stage(
     qmodel: nn.Module, fp_model: nn.Module, units: list[Any], pool: CalibPool, s: ReconSettings,
     runner: FabricRunner, seed: int, exclude: set[str] = frozenset(), cache_batch: int = 32,
-    cache_on: str = "device", checkpoint: Any = None,
+    cache_on: str = "device", checkpoint: Any = None, keep_fp: FPCache | None = None,
 ) -> list[dict[str, Any]]:
     """AdaRound every unit; layers in ``exclude`` keep their current rounding (e.g. TIAR's).
 
@@ -113,6 +113,8 @@ def weight_stage(
     host memory ("host", copied per mini-batch: Q-Diffusion's policy, for caches that do not fit).
     ``checkpoint`` (a ``UnitCheckpoint``): units it has finished are skipped (their roundings were
     restored into ``qmodel``), and each unit finished here is recorded.
+    ``keep_fp``: the pass that captures a unit's FP targets also captures its FP inputs, and both are kept
+    there (within its budget) for an activation stage that needs them.
     """
     set_quant_state(qmodel, weight=True, act=False)
     fp_modules = dict(fp_model.named_modules())
@@ -131,8 +133,15 @@ def weight_stage(
         store = _storage(runner, cache_on)
         inputs = capture_inputs(qmodel, unit.module, _on(pool, dev).batches(cache_batch), _run, store,
                                 desc=f"inputs of {unit.name}")
-        targets = capture_outputs(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run, store,
-                                  desc=f"targets of {unit.name}")
+        fp_batches = _on(pool, dev).batches(cache_batch)
+        if keep_fp is None:
+            targets = capture_outputs(fp_model, fp_modules[unit.name], fp_batches, _run, store,
+                                      desc=f"targets of {unit.name}")
+        else:
+            fp_inputs, targets = capture_io(fp_model, fp_modules[unit.name], fp_batches, _run, store,
+                                            desc=f"targets of {unit.name}")
+            keep_fp.offer(unit.name, fp_inputs, targets)
+            del fp_inputs
 
         def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
             args, kwargs = inputs.select(idx, dev)
@@ -151,20 +160,26 @@ def weight_stage(
 def lsq_stage(
     qmodel: nn.Module, fp_model: nn.Module, units: list[Any], pool: CalibPool, s: ReconSettings,
     runner: FabricRunner, seed: int, cache_batch: int = 32, skip_bits: int = 16, cache_on: str = "device",
+    kept: FPCache | None = None,
 ) -> list[dict[str, Any]]:
-    """LSQ per unit with FP inputs and targets (asym=False); quantizers at >= skip_bits stay fixed."""
+    """LSQ per unit with FP inputs and targets (asym=False); quantizers at >= skip_bits stay fixed.
+
+    A unit's FP inputs and targets come from ``kept`` (the weight stage's capture) when there, else from one
+    capture pass of the FP model."""
     set_quant_state(qmodel, weight=True, act=True)
     fp_modules = dict(fp_model.named_modules())
     dev = runner.device
     reports = []
     for i, unit in enumerate(tqdm(units, desc="activation stage (units)", mininterval=2.0)):
+        got = kept.take(unit.name) if kept is not None else None
         qs = [q for q in unit_act_quantizers(unit.module) if q.enabled and q.initialized and q.n_bits < skip_bits]
         if not qs:
             continue
-        fp_unit = fp_modules[unit.name]
-        store = _storage(runner, cache_on)
-        inputs = capture_inputs(fp_model, fp_unit, _on(pool, dev).batches(cache_batch), _run, store)
-        targets = capture_outputs(fp_model, fp_unit, _on(pool, dev).batches(cache_batch), _run, store)
+        if got is None:
+            got = capture_io(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run,
+                             _storage(runner, cache_on), desc=f"FP inputs and targets of {unit.name}")
+        inputs, targets = got
+        del got
 
         def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
             args, kwargs = inputs.select(idx, dev)

@@ -29,6 +29,7 @@ from tfmq_exp.methods.pipeline import (
 from tfmq_exp.models import adapters
 from tfmq_exp.quant.modules import quant_modules
 from tfmq_exp.quant.swap import init_weight_ranges, swap_modules
+from tfmq_exp.recon.capture import FPCache
 
 
 def _opt(ctx: MethodContext, key: str, default: Any) -> Any:
@@ -145,16 +146,22 @@ def _lsq_method(ctx: MethodContext, method: str) -> MethodResult:
     units = _layer_units(qmodel, temb) + units_of(ctx, qmodel)
     if method == "brecq" and bool(_opt(ctx, "head_stem_8bit", False)):
         units = [u for u in units if u.name != "conv_in"]  # BRECQ keeps its 8-bit first layer as rounded (§3.1)
+    # the LSQ stage needs each unit's FP inputs and targets: the weight stage's FP pass captures both and keeps
+    # them (within recon.keep_fp_gb), so the LSQ stage recaptures only what did not fit
+    lsq = recipe.act.enabled and bool(_opt(ctx, "lsq", True)) and s.act_iters > 0
+    kept = FPCache(float(ctx.recon.get("keep_fp_gb", 4.0)) * 2**30) if lsq else None
     reports = weight_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on),
-                           checkpoint=ctx.checkpoint)
+                           checkpoint=ctx.checkpoint, keep_fp=kept)
     t1 = time.perf_counter()
     if recipe.act.enabled:
         init_activations(qmodel, pool, int(ctx.quantizer.act_calib_samples), ctx.seed,
                          bool(_opt(ctx, "running_stat", False)), int(_opt(ctx, "running_stat_batch", 64)),
                          order=str(_opt(ctx, "act_init_order", "random")),
                          stat_order=str(_opt(ctx, "running_stat_order", "shuffled")))
-        if bool(_opt(ctx, "lsq", True)) and s.act_iters > 0:
-            reports += lsq_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on))
+        if lsq:
+            reports += lsq_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on),
+                                 kept=kept)
+        kept = None
     set_quant_state(qmodel, weight=True, act=recipe.act.enabled)
     t2 = time.perf_counter()
     qmodel.cpu()

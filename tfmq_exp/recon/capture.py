@@ -90,6 +90,59 @@ def capture_outputs(
     return torch.cat(outs)
 
 
+def capture_io(
+    model: nn.Module, unit: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
+    storage: str | torch.device = "cpu", desc: str | None = None,
+) -> tuple[CachedCall, torch.Tensor]:
+    """Inputs and outputs of ``unit`` in one pass (what ``capture_inputs`` and ``capture_outputs`` give on the
+    same model and batches, for the cost of the second alone)."""
+    calls: list[tuple[tuple, dict]] = []
+    outs: list[torch.Tensor] = []
+
+    def pre(_m, args, kwargs):  # noqa: ANN001, ANN202
+        # copies: the unit runs after this hook and may change an input in place
+        snap = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+        calls.append((snap, {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+
+    def post(_m, _args, out):  # noqa: ANN001, ANN202
+        outs.append((out[0] if isinstance(out, tuple) else out).detach().to(storage))
+        raise _Stop
+
+    handles = [unit.register_forward_pre_hook(pre, with_kwargs=True), unit.register_forward_hook(post)]
+    try:
+        sizes = _drive(model, batches, run, desc)
+    finally:
+        for h in handles:
+            h.remove()
+    n_args = len(calls[0][0])
+    args = [_merge([c[0][i] for c in calls], sizes, storage) for i in range(n_args)]
+    kwargs = {k: _merge([c[1][k] for c in calls], sizes, storage) for k in calls[0][1]}
+    return CachedCall(args, kwargs, sum(sizes)), torch.cat(outs)
+
+
+class FPCache:
+    """FP inputs and outputs of units, captured by the weight stage and kept for the activation stage, which
+    needs exactly these (same FP model, same pool, same batches): it then runs no forward of its own. A unit is
+    kept when it fits in what is left of ``budget_bytes``; the activation stage recaptures the others."""
+
+    def __init__(self, budget_bytes: float) -> None:
+        self.budget, self.used = float(budget_bytes), 0
+        self.units: dict[str, tuple[CachedCall, torch.Tensor]] = {}
+
+    def offer(self, name: str, inputs: CachedCall, outputs: torch.Tensor) -> bool:
+        size = outputs.nbytes + sum(v.data.nbytes for v in [*inputs.args, *inputs.kwargs.values()]
+                                    if isinstance(v, _Batched))
+        if self.used + size > self.budget:
+            return False
+        self.units[name] = (inputs, outputs)
+        self.used += size
+        return True
+
+    def take(self, name: str) -> tuple[CachedCall, torch.Tensor] | None:
+        """A kept unit's (inputs, outputs), released from the cache."""
+        return self.units.pop(name, None)
+
+
 def _drive(model: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
            desc: str | None = None) -> list[int]:
     """Run every batch until the hook stops it; returns the batch sizes."""

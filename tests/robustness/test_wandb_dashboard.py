@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,20 @@ def _records(path: Path):
 
 
 def read_offline_run(folder: Path) -> dict:
-    """run metadata, config, final summary, metric definitions and artifacts of the one offline run in folder."""
+    """run metadata, config, final summary, metric definitions and artifacts of the one offline run in folder.
+
+    W&B's service process writes the file; on a loaded machine its run record can land a moment after
+    ``finish()`` returns (seen once in CI with another job on the cores), so the file is read again for up to
+    10 s until the run record is there."""
+    for _ in range(20):
+        out = _read_offline_run(folder)
+        if "group" in out:
+            return out
+        time.sleep(0.5)
+    return out
+
+
+def _read_offline_run(folder: Path) -> dict:
     runs = sorted(folder.glob("wandb/offline-run-*"))
     assert len(runs) == 1, runs
     out: dict = {"dir": runs[0], "summary": {}, "metrics": {}, "artifacts": []}

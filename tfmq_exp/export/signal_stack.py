@@ -27,8 +27,7 @@ class _StackT(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def install() -> None:
@@ -39,14 +38,14 @@ def install() -> None:
     if _stack is None:
         buf = ctypes.create_string_buffer(SIZE)
         _stack = (buf, _StackT(ctypes.addressof(buf), 0, SIZE))
-    if _libc().sigaltstack(ctypes.byref(_stack[1]), None) != 0:
+    if _libc.sigaltstack(ctypes.byref(_stack[1]), None) != 0:
         raise OSError(ctypes.get_errno(), "sigaltstack failed")
 
 
 def current() -> tuple[int, int, int]:
     """The calling thread's alternate signal stack: (address, size, flags); address 0 when there is none."""
     old = _StackT()
-    _libc().sigaltstack(None, ctypes.byref(old))
+    _libc.sigaltstack(None, ctypes.byref(old))
     return old.ss_sp or 0, int(old.ss_size), int(old.ss_flags)
 
 

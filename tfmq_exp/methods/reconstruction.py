@@ -160,8 +160,7 @@ def _lsq_method(ctx: MethodContext, method: str) -> MethodResult:
                          stat_order=str(_opt(ctx, "running_stat_order", "shuffled")))
         if lsq:
             reports += lsq_stage(qmodel, fp, units, pool, s, runner, ctx.seed, cache_on=str(ctx.recon.cache_on),
-                                 kept=kept)
-        kept = None
+                                 kept=kept)  # takes (and so releases) every kept unit
     set_quant_state(qmodel, weight=True, act=recipe.act.enabled)
     t2 = time.perf_counter()
     qmodel.cpu()

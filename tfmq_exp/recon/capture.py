@@ -49,6 +49,13 @@ def _merge(parts: list[Any], n_batch: list[int], storage: str | torch.device) ->
     return first
 
 
+def _cached_call(calls: list[tuple[Any, dict]], sizes: list[int], storage: str | torch.device) -> CachedCall:
+    """The hooked calls of every batch as one call: batched arguments concatenated onto ``storage``."""
+    args = [_merge([c[0][i] for c in calls], sizes, storage) for i in range(len(calls[0][0]))]
+    kwargs = {k: _merge([c[1][k] for c in calls], sizes, storage) for k in calls[0][1]}
+    return CachedCall(args, kwargs, sum(sizes))
+
+
 def capture_inputs(
     model: nn.Module, unit: nn.Module, batches: Iterable[tuple[Any, ...]], run: Callable[[nn.Module, tuple], Any],
     storage: str | torch.device = "cpu", desc: str | None = None,
@@ -65,10 +72,7 @@ def capture_inputs(
         sizes = _drive(model, batches, run, desc)
     finally:
         h.remove()
-    n_args = len(calls[0][0])
-    args = [_merge([c[0][i] for c in calls], sizes, storage) for i in range(n_args)]
-    kwargs = {k: _merge([c[1][k] for c in calls], sizes, storage) for k in calls[0][1]}
-    return CachedCall(args, kwargs, sum(sizes))
+    return _cached_call(calls, sizes, storage)
 
 
 def capture_outputs(
@@ -114,10 +118,7 @@ def capture_io(
     finally:
         for h in handles:
             h.remove()
-    n_args = len(calls[0][0])
-    args = [_merge([c[0][i] for c in calls], sizes, storage) for i in range(n_args)]
-    kwargs = {k: _merge([c[1][k] for c in calls], sizes, storage) for k in calls[0][1]}
-    return CachedCall(args, kwargs, sum(sizes)), torch.cat(outs)
+    return _cached_call(calls, sizes, storage), torch.cat(outs)
 
 
 class FPCache:

@@ -41,6 +41,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,6 +125,42 @@ class Peak:
     def report(self) -> dict[str, Any]:
         kind = "cuda_max_allocated_growth" if self.dev.type == "cuda" else "cpu_maxrss_growth (coarse)"
         return {"peak_growth_bytes": int(self.peak - self.base), "memory_kind": kind}
+
+
+class SampledPeak:
+    """Peak memory of a block above its start: CUDA's max_memory_allocated growth, or on a CPU the process's
+    resident size polled every few milliseconds (unlike max RSS it also sees a block that stays below an
+    earlier phase's high-water mark; large tensors are unmapped when freed, so the RSS falls back)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev, self.peak, self._stop = dev, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss() - self.base)
+
+    def __enter__(self) -> SampledPeak:
+        _sync(self.dev)
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+        else:
+            self.base = self._rss()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.dev)
+        if self.dev.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
 
 
 def _timed(fn, dev: torch.device, reps: int) -> float:  # noqa: ANN001
@@ -628,8 +665,7 @@ def measure_forward(b: Bench, budget: dict[str, Any]) -> dict[str, Any]:
 def measure_tfmq_model(b: Bench, cfg: Any, origin: str, budget: dict[str, Any],
                        timesteps: list[int]) -> dict[str, Any]:
     """TFMQ-DM on the whole quantized UNet: weight ranges, TIAR iterations, one step of FSC."""
-    from tfmq_exp.diffusion.calib_pool import CalibPool
-    from tfmq_exp.methods.pipeline import all_act_quantizers, fsc_stage, settings_from, tiar_stage
+    from tfmq_exp.methods.pipeline import settings_from, tiar_stage
     from tfmq_exp.models import adapters
     from tfmq_exp.quant.swap import init_weight_ranges, swap_modules
 
@@ -652,13 +688,29 @@ def measure_tfmq_model(b: Bench, cfg: Any, origin: str, budget: dict[str, Any],
     rep = tiar_stage(qmodel, b.unet, temporal, t, replace(s, iters=b.iters), b.runner, 0, adapters.tib_features)
     out["tiar"] = {"s_per_100": rep["wall_s"] / b.iters * 100, "iters": b.iters, "batch": batch}
     if recipe.act.enabled:
-        n = budget["fsc_batch_size"]
+        out["fsc"] = measure_fsc(b, qmodel, budget, g)
+    del qmodel
+    return out
+
+
+def measure_fsc(b: Bench, qmodel: nn.Module, budget: dict[str, Any], g: torch.Generator) -> dict[str, Any]:
+    """One step of FSC on the whole quantized UNet: the init forward and one EMA mini-batch, timed apart.
+    A probe at batch 1 gives the forward's memory per sample; where the official batch does not fit (SD v1.4's
+    attention maps on a CPU) both run at a smaller batch and scale linearly to the official sizes."""
+    from tfmq_exp.diffusion.calib_pool import CalibPool
+    from tfmq_exp.methods.pipeline import all_act_quantizers, fsc_stage
+
+    quantizers = all_act_quantizers(qmodel)
+
+    def pool_of(n: int) -> CalibPool:
         x = torch.randn(n, b.spec.channels, b.spec.size, b.spec.size, generator=g)
         ctx_idx = contexts = None
         if b.spec.ctx_len is not None:  # entries alternate c, uc as a guided record's
             ctx_idx, contexts = torch.arange(n) % 2, torch.randn(2, b.spec.ctx_len, b.spec.ctx_dim, generator=g)
-        pool = CalibPool(x, torch.full((n,), PROBE_T, dtype=torch.long), torch.zeros(n, dtype=torch.long), ctx_idx,
+        return CalibPool(x, torch.full((n,), PROBE_T, dtype=torch.long), torch.zeros(n, dtype=torch.long), ctx_idx,
                          contexts)
+
+    def run(n_init: int, n: int) -> list[float]:
         times: list[float] = []
 
         def start(_m, _a):  # noqa: ANN001, ANN202
@@ -671,19 +723,27 @@ def measure_tfmq_model(b: Bench, cfg: Any, origin: str, budget: dict[str, Any],
 
         hs = [qmodel.register_forward_pre_hook(start), qmodel.register_forward_hook(stop)]
         try:
-            with Peak(b.dev) as peak:
-                fsc_stage(qmodel, {0: pool}, 1, all_act_quantizers(qmodel), budget["fsc_init_samples"], n,
-                          budget["fsc_momentum"], 0)
+            fsc_stage(qmodel, {0: pool_of(max(n_init, n))}, 1, quantizers, n_init, n, budget["fsc_momentum"], 0)
         finally:
             for h in hs:
                 h.remove()
-        init_s, ema = times[0], times[1:]
-        ema_s = sum(ema) / len(ema)
-        per_step = init_s + budget["fsc_per_step"] / n * ema_s
-        out["fsc"] = {"init_samples": budget["fsc_init_samples"], "batch": n, "init_s": init_s, "ema_s": ema_s,
-                      "per_step_s": per_step, **peak.report()}
-    del qmodel
-    return out
+        return times
+
+    with SampledPeak(b.dev) as probe:  # also the warm-up
+        run(1, 1)
+    per_sample = max(int(probe.peak), 1)  # the larger of two one-sample forwards (init, EMA); fixed part included
+    full_init, full_batch = budget["fsc_init_samples"], budget["fsc_batch_size"]
+    n = fitting_batch(full_batch, per_sample, _limit(b))
+    n_init = fitting_batch(full_init, per_sample, _limit(b))
+    with SampledPeak(b.dev) as peak:
+        times = run(n_init, n)
+    init_s, ema = times[0], times[1:]
+    ema_s = sum(ema) / len(ema)
+    per_step = init_s * full_init / n_init + budget["fsc_per_step"] / n * ema_s
+    return {"init_samples": n_init, "batch": n, "official_init_samples": full_init, "official_batch": full_batch,
+            "scaled": n < full_batch or n_init < full_init, "init_s": init_s, "ema_s": ema_s, "per_step_s": per_step,
+            "probe_peak_bytes_per_sample": per_sample, "peak_growth_bytes": int(peak.peak),
+            "memory_kind": "cuda_max_allocated_growth" if b.dev.type == "cuda" else "cpu_rss_sampled_growth"}
 
 
 # ---------------------------------------------------------------- fits and the projection
@@ -955,7 +1015,8 @@ def tables(res: dict[str, Any], others: list[dict[str, Any]] = ()) -> str:
               "resnet unit AdaRound s/100 it (brecq / qdiff / tfmq)",
               "its AdaRound memory MB, kept for backward / measured (tfmq)",
               "transformer unit AdaRound s/100 it (brecq / qdiff / tfmq)", "TIAR s/100 it",
-              "FSC init / EMA forward (16 each)", "record GB", "weight pool GB (tfmq)", "largest unit cache GB (tfmq)"]
+              "FSC init / EMA forward (16 each unless noted)", "record GB", "weight pool GB (tfmq)",
+              "largest unit cache GB (tfmq)"]
     lines += ["", "## Measured parts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, e in res["models"].items():
         fp, tf, mem = e["fp_forward"], e["tfmq_model"], e["memory"]
@@ -966,6 +1027,7 @@ def tables(res: dict[str, Any], others: list[dict[str, Any]] = ()) -> str:
 
         rn = e["methods"]["tfmq"]["measured"]["resnet_hi"].get("adaround", {})
         fsc = tf.get("fsc")
+        at = f" (at {fsc['init_samples']} / {fsc['batch']})" if fsc and fsc.get("scaled") else ""
         tm = mem["methods"]["tfmq"]
         cells = [
             name, f"{e['arch']['parameters'] / 1e6:.0f}", f"{fp['step_s']:.3g} s ({fp['step_batch']})",
@@ -973,7 +1035,7 @@ def tables(res: dict[str, Any], others: list[dict[str, Any]] = ()) -> str:
             "{:.0f} / {:.0f}".format(rn.get("saved_for_backward_bytes", 0) / 2**20,
                                      rn.get("peak_growth_bytes", 0) / 2**20),
             per100("transformer_hi"), f"{tf['tiar']['s_per_100']:.3g}",
-            "-" if not fsc else "{:.3g} / {:.3g} s".format(fsc["init_s"], fsc["ema_s"]),
+            "-" if not fsc else "{:.3g} / {:.3g} s{}".format(fsc["init_s"], fsc["ema_s"], at),
             _gb(mem["record_bytes"] + mem["record_context_bytes"]), _gb(tm["weight_pool_bytes"]),
             _gb(tm["largest_unit_cache"]["bytes"]),
         ]

@@ -12,9 +12,11 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +107,7 @@ def test_the_projection_is_the_sum_of_its_parts(run):
             lsq_share = sum(units[n]["prefix_flops"] + units[n]["flops"] for n in m["weight_units"])
             lsq_share /= e["arch"]["forward_flops"]
             fsc = tf["fsc"]
+            assert (fsc["init_samples"], fsc["batch"], fsc["scaled"]) == (16, 16, False)  # shrunk models fit
             want = {
                 "adaround_s": loop_s("adaround", 20000),
                 "lsq_s": loop_s("lsq", 5000) if lsq else 0.0,
@@ -199,6 +202,31 @@ def test_helpers():
     assert line == {"intercept_s": 0.0, "s_per_flop": 2.0}
     assert cas.fit_line([(1.0, 3.0), (3.0, 5.0)]) == {"intercept_s": 2.0, "s_per_flop": 1.0}
     assert cas.fit_line([(1.0, 5.0), (3.0, 3.0)]) == {"intercept_s": 4.0, "s_per_flop": 0.0}
+
+
+def test_the_sampled_peak_sees_a_block_below_the_process_high_water_mark():
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB: the process's max RSS is now at least this much higher
+    del big
+    with cas.SampledPeak(torch.device("cpu")) as peak:
+        x = torch.ones(48 * 2**20 // 4)  # 48 MiB, below the earlier high-water mark
+        time.sleep(0.05)
+        del x
+    assert 40 * 2**20 < peak.peak < 200 * 2**20
+
+
+def test_fsc_that_does_not_fit_runs_at_batch_1_and_scales_to_the_official_sizes():
+    from tfmq_exp.recon.engine import FabricRunner
+
+    cfgs = cas.compose_presets(cas.PRESETS["ldm_bedroom"])
+    budget = cas.budget_of(cfgs)
+    unet, _ = cas.build_unet(cfgs["tfmq"].model, 16)
+    spec = cas.spec_of(cfgs["tfmq"].model, unet, 16)
+    bench = cas.Bench(unet, spec, torch.device("cpu"), FabricRunner("cpu", 1), 1, 1, mem_limit=1)
+    fsc = cas.measure_tfmq_model(bench, cfgs["tfmq"], "ldm", budget, [1, 501])["fsc"]
+    assert (fsc["init_samples"], fsc["batch"], fsc["scaled"]) == (1, 1, True)
+    assert (fsc["official_init_samples"], fsc["official_batch"]) == (16, 16)
+    assert fsc["probe_peak_bytes_per_sample"] > 1
+    assert fsc["per_step_s"] == pytest.approx(fsc["init_s"] * 16 + 256 * fsc["ema_s"], rel=1e-12)
 
 
 def test_a_bad_model_name_is_one_line_and_exit_2(tmp_path, capsys):

@@ -103,6 +103,8 @@ class Peak:
     """Memory of a block: CUDA max_memory_allocated above what was allocated before; CPU the growth of the
     process's max RSS (a high-water mark over the whole process: coarse, 0 when an earlier phase went higher)."""
 
+    cpu_kind = "cpu_maxrss_growth (coarse)"
+
     def __init__(self, dev: torch.device) -> None:
         self.dev = dev
 
@@ -123,17 +125,15 @@ class Peak:
             self.peak = _maxrss()
 
     def report(self) -> dict[str, Any]:
-        kind = "cuda_max_allocated_growth" if self.dev.type == "cuda" else "cpu_maxrss_growth (coarse)"
+        kind = "cuda_max_allocated_growth" if self.dev.type == "cuda" else self.cpu_kind
         return {"peak_growth_bytes": int(self.peak - self.base), "memory_kind": kind}
 
 
-class SampledPeak:
-    """Peak memory of a block above its start: CUDA's max_memory_allocated growth, or on a CPU the process's
-    resident size polled every few milliseconds (unlike max RSS it also sees a block that stays below an
-    earlier phase's high-water mark; large tensors are unmapped when freed, so the RSS falls back)."""
+class SampledPeak(Peak):
+    """Peak: on a CPU the process's resident size polled every few milliseconds instead of max RSS, so it also
+    sees a block that stays below an earlier phase's high-water mark (large tensors are unmapped when freed)."""
 
-    def __init__(self, dev: torch.device) -> None:
-        self.dev, self.peak, self._stop = dev, 0, threading.Event()
+    cpu_kind = "cpu_rss_sampled_growth"
 
     @staticmethod
     def _rss() -> int:
@@ -141,26 +141,22 @@ class SampledPeak:
 
     def _poll(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss() - self.base)
+            self.peak = max(self.peak, self._rss())
 
     def __enter__(self) -> SampledPeak:
-        _sync(self.dev)
         if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
-            self.base = torch.cuda.memory_allocated(self.dev)
-        else:
-            self.base = self._rss()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
+            return super().__enter__()
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _sync(self.dev)
         if self.dev.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
+            return super().__exit__(*exc)
+        self._stop.set()
+        self._thread.join()
 
 
 def _timed(fn, dev: torch.device, reps: int) -> float:  # noqa: ANN001
@@ -731,10 +727,10 @@ def measure_fsc(b: Bench, qmodel: nn.Module, budget: dict[str, Any], g: torch.Ge
 
     with SampledPeak(b.dev) as probe:  # also the warm-up
         run(1, 1)
-    per_sample = max(int(probe.peak), 1)  # the larger of two one-sample forwards (init, EMA); fixed part included
-    full_init, full_batch = budget["fsc_init_samples"], budget["fsc_batch_size"]
-    n = fitting_batch(full_batch, per_sample, _limit(b))
-    n_init = fitting_batch(full_init, per_sample, _limit(b))
+    # the larger of two one-sample forwards (init, EMA); fixed part included
+    per_sample = max(probe.report()["peak_growth_bytes"], 1)
+    full_init, full_batch, limit = budget["fsc_init_samples"], budget["fsc_batch_size"], _limit(b)
+    n, n_init = fitting_batch(full_batch, per_sample, limit), fitting_batch(full_init, per_sample, limit)
     with SampledPeak(b.dev) as peak:
         times = run(n_init, n)
     init_s, ema = times[0], times[1:]
@@ -742,8 +738,7 @@ def measure_fsc(b: Bench, qmodel: nn.Module, budget: dict[str, Any], g: torch.Ge
     per_step = init_s * full_init / n_init + budget["fsc_per_step"] / n * ema_s
     return {"init_samples": n_init, "batch": n, "official_init_samples": full_init, "official_batch": full_batch,
             "scaled": n < full_batch or n_init < full_init, "init_s": init_s, "ema_s": ema_s, "per_step_s": per_step,
-            "probe_peak_bytes_per_sample": per_sample, "peak_growth_bytes": int(peak.peak),
-            "memory_kind": "cuda_max_allocated_growth" if b.dev.type == "cuda" else "cpu_rss_sampled_growth"}
+            "probe_peak_bytes_per_sample": per_sample, **peak.report()}
 
 
 # ---------------------------------------------------------------- fits and the projection

@@ -21,15 +21,22 @@ from tfmq_exp.tasks.export import write_step_ranges
 SHAPE = (3, 8, 8)
 
 
-def test_each_steps_ranges_are_what_converting_that_step_writes(tmp_path):
+@pytest.fixture(scope="module")
+def step0(w8a8_tables):
+    """The tables model's deploy graph at step 0 and its conversion, shared (a conversion takes seconds);
+    a test that sets ranges on the IR works on a clone."""
+    deploy = build_deploy_model(w8a8_tables, "per_step", step=0)
+    return deploy, ovb.convert(deploy, ovb.example_inputs(SHAPE, 2))
+
+
+def test_each_steps_ranges_are_what_converting_that_step_writes(w8a8_tables, step0, tmp_path):
     """The one converted IR with step k's ranges set is the IR a conversion of step k would give: the same
     quantize constants bit for bit, and the same outputs bit for bit from the runtime."""
-    q = quantize_rtn(tiny_unet(), 8, tables=True)
+    q = w8a8_tables
     groups = step_table_groups(q)
     assert len(groups) == N_STEPS  # the tables differ at every step
     example = ovb.example_inputs(SHAPE, 2)
-    deploy = build_deploy_model(q, "per_step", step=0)
-    base = ovb.convert(deploy, example)
+    deploy, base = step0
     write_step_ranges(tmp_path / "ranges.npz", base, deploy, groups)
     ovb.save(base, tmp_path / "model.xml")
     with np.load(tmp_path / "ranges.npz") as z:
@@ -52,12 +59,12 @@ def test_each_steps_ranges_are_what_converting_that_step_writes(tmp_path):
         assert np.array_equal(out_a, out_b)
 
 
-def test_merged_quantize_nodes_with_tables_that_part_are_refused(tmp_path):
+def test_merged_quantize_nodes_with_tables_that_part_are_refused(step0, tmp_path):
     """to_q, to_k and to_v read one input; with equal constants at the converted step the converter merges
     their quantize nodes into one, so tables that differ at another step cannot be set: one clear error."""
-    q = quantize_rtn(tiny_unet(), 8, tables=True)
+    q = quantize_rtn(tiny_unet(), 8, tables=True)  # its own copy of the shared model: its tables are changed below
     deploy = build_deploy_model(q, "per_step", step=0)
-    base = ovb.convert(deploy, ovb.example_inputs(SHAPE, 2))
+    base = step0[1]
     merged = ovb.merged_fake_quantize(base, sorted(baked_step_ranges(deploy, [0])))
     assert len(merged) >= 3 and len(set(merged.values())) < len(merged) and "" not in merged.values()
     write_step_ranges(tmp_path / "ok.npz", base, deploy, step_table_groups(q))  # equal tables: fine
@@ -71,10 +78,9 @@ def test_merged_quantize_nodes_with_tables_that_part_are_refused(tmp_path):
     assert not (tmp_path / "bad.npz").exists()
 
 
-def test_a_range_set_that_does_not_fit_the_model_is_refused():
-    q = quantize_rtn(tiny_unet(), 8, tables=True)
-    model = ovb.convert(build_deploy_model(q, "per_step", step=0), ovb.example_inputs(SHAPE, 2))
-    names = sorted(baked_step_ranges(build_deploy_model(q, "per_step", step=0), [0]))
+def test_a_range_set_that_does_not_fit_the_model_is_refused(step0):
+    deploy, model = step0[0], step0[1].clone()
+    names = sorted(baked_step_ranges(deploy, [0]))
     names = [n for n in names if n not in ovb.merged_fake_quantize(model, names)]
     try:
         ovb.set_fake_quantize_ranges(model, names + ["no.such/FakeQuantize"], np.zeros(len(names) + 1),
@@ -120,9 +126,8 @@ def test_per_step_export_samples_step_major_with_one_model_in_memory(make_cfg, t
     assert 10 * np.log10(255**2 / mse) > 30
 
 
-def test_the_runner_keeps_at_most_max_models_compiled(w8a8_tables, tmp_path):
-    deploy = build_deploy_model(w8a8_tables, "per_step", step=0)
-    base = ovb.convert(deploy, ovb.example_inputs(SHAPE, 2))
+def test_the_runner_keeps_at_most_max_models_compiled(w8a8_tables, step0, tmp_path):
+    deploy, base = step0
     groups = step_table_groups(w8a8_tables)
     write_step_ranges(tmp_path / "step_ranges.npz", base, deploy, groups)
     ovb.save(base, tmp_path / "model.xml")
@@ -140,7 +145,7 @@ def test_the_runner_keeps_at_most_max_models_compiled(w8a8_tables, tmp_path):
     assert runner.stats["compiles"] == 4  # 0, 1, 2, 3: step 0 stayed the most recently used
 
 
-def test_a_step_model_executes_the_single_range_graph():
+def test_a_step_model_executes_the_single_range_graph(w8a8_tables, step0):
     """Why per_step costs nothing per call: the runtime executes a step's model as the same layers in the same
     precisions as a model with one range per quantizer (only constants differ; an 8-bit input is u8 or i8 by
     the sign of its range), while the one-model form adds layers."""
@@ -153,9 +158,8 @@ def test_a_step_model_executes_the_single_range_graph():
 
     example = ovb.example_inputs(SHAPE, 2)
     one_range = executed(ovb.convert(build_deploy_model(quantize_rtn(tiny_unet(), 8)), example))
-    q = quantize_rtn(tiny_unet(), 8, tables=True)
-    deploy = build_deploy_model(q, "per_step", step=0)
-    model = ovb.convert(deploy, example)
+    q = w8a8_tables
+    deploy, model = step0[0], step0[1].clone()
     ranges = baked_step_ranges(deploy, [2])
     names = [n for n in sorted(ranges) if n not in ovb.merged_fake_quantize(model, sorted(ranges))]
     ovb.set_fake_quantize_ranges(model, names, np.array([ranges[n][0][0] for n in names]),

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 
 from tfmq_exp.recon.resume import STATE, UnitCheckpoint
 
-ARGS = ["debug=smoke", "evaluator=none", "quantizer=tfmq", "bits=w4a8", "recon.iters=40", "n_compare=4", "n_grid=4",
-        "evaluator.n_samples=4"]
+# 5 steps: what resumes is the weight stage, and FSC's Lp init searches (one per quantizer and step) would
+# otherwise be most of each run's time
+ARGS = ["debug=smoke", "evaluator=none", "quantizer=tfmq", "bits=w4a8", "recon.iters=20", "n_compare=4", "n_grid=4",
+        "evaluator.n_samples=4", "sampler.steps=5"]
 
 
 def command(run_dir: Path, resume: str) -> list[str]:

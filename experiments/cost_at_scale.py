@@ -87,10 +87,6 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
-
-
 def _available_bytes() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -120,48 +116,23 @@ def release_memory(dev: torch.device) -> None:
 
 
 class Peak:
-    """Memory of a block: CUDA max_memory_allocated above what was allocated before; CPU the growth of the
-    process's max RSS (a high-water mark over the whole process: coarse, 0 when an earlier phase went higher)."""
-
-    cpu_kind = "cpu_maxrss_growth (coarse)"
+    """Memory of a block: CUDA max_memory_allocated above what was allocated before; on a CPU the growth of the
+    process's resident size, polled every 5 ms (the max RSS would miss a block below an earlier phase's high-water
+    mark; large tensors are unmapped when freed)."""
 
     def __init__(self, dev: torch.device) -> None:
         self.dev = dev
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _resident_bytes())
 
     def __enter__(self) -> Peak:
         _sync(self.dev)
         if self.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.dev)
             self.base = torch.cuda.memory_allocated(self.dev)
-        else:
-            self.base = _maxrss()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _sync(self.dev)
-        if self.dev.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.dev)
-        else:
-            self.peak = _maxrss()
-
-    def report(self) -> dict[str, Any]:
-        kind = "cuda_max_allocated_growth" if self.dev.type == "cuda" else self.cpu_kind
-        return {"peak_growth_bytes": int(self.peak - self.base), "memory_kind": kind}
-
-
-class SampledPeak(Peak):
-    """Peak: on a CPU the process's resident size polled every few milliseconds instead of max RSS, so it also
-    sees a block that stays below an earlier phase's high-water mark (large tensors are unmapped when freed)."""
-
-    cpu_kind = "cpu_rss_sampled_growth"
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _resident_bytes())
-
-    def __enter__(self) -> SampledPeak:
-        if self.dev.type == "cuda":
-            return super().__enter__()
+            return self
         self.base = self.peak = _resident_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -169,10 +140,17 @@ class SampledPeak(Peak):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _sync(self.dev)
         if self.dev.type == "cuda":
-            return super().__exit__(*exc)
+            self.peak = torch.cuda.max_memory_allocated(self.dev)
+            return
         self._stop.set()
         self._thread.join()
+        self.peak = max(self.peak, _resident_bytes())
+
+    def report(self) -> dict[str, Any]:
+        kind = "cuda_max_allocated_growth" if self.dev.type == "cuda" else "cpu_rss_sampled_growth"
+        return {"peak_growth_bytes": int(self.peak - self.base), "memory_kind": kind}
 
 
 def _timed(fn, dev: torch.device, reps: int) -> float:  # noqa: ANN001
@@ -741,13 +719,13 @@ def measure_fsc(b: Bench, qmodel: nn.Module, budget: dict[str, Any], g: torch.Ge
                 h.remove()
         return times
 
-    with SampledPeak(b.dev) as probe:  # also the warm-up
+    with Peak(b.dev) as probe:  # also the warm-up
         run(1, 1)
     # the larger of two one-sample forwards (init, EMA); fixed part included
     per_sample = max(probe.report()["peak_growth_bytes"], 1)
     full_init, full_batch, limit = budget["fsc_init_samples"], budget["fsc_batch_size"], _limit(b)
     n, n_init = fitting_batch(full_batch, per_sample, limit), fitting_batch(full_init, per_sample, limit)
-    with SampledPeak(b.dev) as peak:
+    with Peak(b.dev) as peak:
         times = run(n_init, n)
     init_s, ema = times[0], times[1:]
     ema_s = sum(ema) / len(ema)
@@ -918,9 +896,24 @@ def run_model(name: str, args: argparse.Namespace, dev: torch.device, runner: An
                  "context": None if spec.ctx_len is None else [spec.ctx_len, spec.ctx_dim]})
     entry: dict[str, Any] = {"budget": budget, "arch": arch, "units": units, "methods": {}}
     by_name = {u["name"]: u for u in units}
+    # the whole-model measurements first, while the process holds only the FP UNet (3.4 GB for SD v1.4): after
+    # SD v1.4's unit loops it held 16.4 GB even after release_memory, too much for its FSC forwards
+    entry["fp_forward"] = measure_forward(bench, budget)
+    print(f"[{name}] FP step {entry['fp_forward']['step_s']:.3g} s, {entry['fp_forward']['per_sample_s']:.3g} s per "
+          f"sample at batch {budget['recon_batch']}", flush=True)
+    params = mcfg.original.params
+    from omegaconf import OmegaConf
+
+    n_train = int(scheduler_from_params(str(mcfg.original.kind), OmegaConf.to_container(params, resolve=True))
+                  ["num_train_timesteps"])
+    s = cfgs["tfmq"].sampler
+    timesteps = ddim_timesteps(n_train, int(s.steps), str(s.skip), int(s.timestep_offset), str(s.uniform_steps))
+    entry["tfmq_model"] = measure_tfmq_model(bench, cfgs["tfmq"], origin, budget, timesteps)
+    print(f"[{name}] weight ranges {entry['tfmq_model']['weight_ranges_s']:.3g} s, FSC step "
+          f"{entry['tfmq_model'].get('fsc', {}).get('per_step_s', float('nan')):.3g} s", flush=True)
+    release_memory(dev)
     reps = representatives(unet)
     captured = {key: capture(bench, n) for key, n in reps.items()}
-    # the unit loops first: on a CPU the process's max RSS only shows what goes above everything before
     for method in METHODS:
         qcfg = cfgs[method].quantizer
         recipe, *_ = method_recipe(unet, method, qcfg, origin)
@@ -939,24 +932,6 @@ def run_model(name: str, args: argparse.Namespace, dev: torch.device, runner: An
             del m["fits"]["lsq"]
         entry["methods"][method] = m
     del captured
-    release_memory(dev)
-    entry["fp_forward"] = measure_forward(bench, budget)
-    print(f"[{name}] FP step {entry['fp_forward']['step_s']:.3g} s, {entry['fp_forward']['per_sample_s']:.3g} s per "
-          f"sample at batch {budget['recon_batch']}", flush=True)
-    params = mcfg.original.params
-    from omegaconf import OmegaConf
-
-    n_train = int(scheduler_from_params(str(mcfg.original.kind), OmegaConf.to_container(params, resolve=True))
-                  ["num_train_timesteps"])
-    s = cfgs["tfmq"].sampler
-    timesteps = ddim_timesteps(n_train, int(s.steps), str(s.skip), int(s.timestep_offset), str(s.uniform_steps))
-    release_memory(dev)
-    if dev.type == "cpu":
-        print(f"[{name}] resident {_resident_bytes() / 2**30:.1f} GB, available {_available_bytes() / 2**30:.1f} GB "
-              "before the TFMQ-DM model", flush=True)
-    entry["tfmq_model"] = measure_tfmq_model(bench, cfgs["tfmq"], origin, budget, timesteps)
-    print(f"[{name}] weight ranges {entry['tfmq_model']['weight_ranges_s']:.3g} s, FSC step "
-          f"{entry['tfmq_model'].get('fsc', {}).get('per_step_s', float('nan')):.3g} s", flush=True)
     entry["memory"] = memory_of(entry, spec)
     for method in METHODS:
         entry["methods"][method]["projection"] = project(entry, method)
@@ -1058,7 +1033,8 @@ def tables(res: dict[str, Any], others: list[dict[str, Any]] = ()) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     measured = ("CUDA max_memory_allocated above what was allocated before the loop" if res["device"].startswith("cuda")
-                else "the growth of the process's max RSS, coarse (0 when an earlier phase already went higher)")
+                else "the growth of the process's resident size, polled every 5 ms (in runs made before it: the "
+                     "growth of the max RSS, 0 when an earlier phase went higher; `memory_kind` in the JSON)")
     lines += ["", "Resnet unit: the first resnet block at the highest resolution; transformer unit: the first "
               "transformer block. AdaRound memory: the tensors autograd keeps for the backward pass at the "
               f"reconstruction batch (counted with saved-tensor hooks), and measured: {measured}. Unit cache: the "

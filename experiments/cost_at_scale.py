@@ -105,9 +105,8 @@ _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def release_memory(dev: torch.device) -> None:
-    """Hand freed memory back before the next phase sizes itself on what is available: the heap keeps freed
-    small blocks resident. (SD v1.4's run held 23.8 GB when its FSC measurement was killed for memory; the same
-    measurement in a fresh process held 10 GB.) So collect, then ``malloc_trim``; on CUDA empty the cache."""
+    """Hand freed memory back before the next phase sizes its batches on what is available: the heap keeps
+    freed small blocks resident until ``malloc_trim`` (on CUDA the allocator's cache until ``empty_cache``)."""
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()

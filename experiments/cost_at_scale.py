@@ -930,7 +930,6 @@ def run_model(name: str, args: argparse.Namespace, dev: torch.device, runner: An
         if not m["fits"]["lsq"]:
             del m["fits"]["lsq"]
         entry["methods"][method] = m
-    del captured
     entry["memory"] = memory_of(entry, spec)
     for method in METHODS:
         entry["methods"][method]["projection"] = project(entry, method)

@@ -214,6 +214,18 @@ def test_the_sampled_peak_sees_a_block_below_the_process_high_water_mark():
     assert 40 * 2**20 < peak.report()["peak_growth_bytes"] < 200 * 2**20
 
 
+def test_the_peak_counts_heap_blocks_an_earlier_phase_freed():
+    """An earlier phase's freed blocks stay resident; a block that reuses them must still count."""
+    blocks = [torch.ones(16384) for _ in range(4000)]  # 4,000 x 64 KiB (250 MiB) of heap
+    keep = torch.ones(16384)  # allocated last, so free() cannot shrink the heap from its top
+    del blocks
+    with cas.Peak(torch.device("cpu")) as peak:
+        again = [torch.ones(16384) for _ in range(3000)]  # 190 MiB
+        del again
+    assert 150 * 2**20 < peak.report()["peak_growth_bytes"] < 400 * 2**20
+    assert keep.sum() == 16384
+
+
 def test_released_memory_leaves_the_process_before_the_next_phase():
     """Freed small blocks stay resident in the heap until released, and would shrink the next phase's batch."""
     blocks = [torch.ones(16384) for _ in range(4000)]  # 4,000 x 64 KiB (250 MiB): heap blocks, not mappings

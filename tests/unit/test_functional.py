@@ -58,7 +58,7 @@ def test_lp_search_picks_best_of_80_candidates():
     assert s.item() == pytest.approx(expect.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("numel", [3000, 600_000])  # several candidates per chunk / one at a time, in place
+@pytest.mark.parametrize("numel", [3000, 20_000, 600_000])  # candidates per chunk: all 80 / 52 and 28 / one
 def test_lp_search_choice_is_exactly_the_fake_quant_loop(numel):
     torch.manual_seed(2)
     x = torch.randn(numel) ** 3

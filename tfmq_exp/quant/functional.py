@@ -106,6 +106,7 @@ def lp_search_params(
     ratios = torch.tensor([1.0 - 0.01 * i for i in range(n_candidates)], dtype=flat.dtype, device=flat.device)
     chunk = max(1, (1 << 20) // max(1, flat.numel()))
     scales, zps, errs = [], [], []
+    buf = None  # one error buffer for every chunk: a fresh tensor per candidate cost a quarter of the search
     for r in ratios.split(chunk):
         m, mx = lo[None, :] * r[:, None], hi[None, :] * r[:, None]
         if always_zero:
@@ -118,7 +119,9 @@ def lp_search_params(
         # fake_quant's value in fewer passes, bit for bit: round_ste's (round(t) - t) + t is exactly round(t)
         # (r - t is exact by Sterbenz' lemma, or r = 0), and on integer-valued floats clamp(r + z, lo, hi) - z
         # is exactly clamp(r, lo - z, hi - z)
-        err = torch.div(flat[None], s3).round_()
+        if buf is None or buf.shape[0] != len(r):
+            buf = torch.empty((len(r), *flat.shape), dtype=flat.dtype, device=flat.device)
+        err = torch.div(flat[None], s3, out=buf).round_()
         err.clamp_(qmin - z3, qmax - z3).mul_(s3).sub_(flat[None]).abs_().pow_(p)
         errs.append(err.mean(dim=-1))
         scales.append(scale)

@@ -773,8 +773,9 @@ def fitted_s_per_100(fit: dict[str, float], flops: float) -> float:
     return fit["intercept_s"] + fit["s_per_flop"] * flops
 
 
-def project(entry: dict[str, Any], method: str) -> dict[str, Any]:
-    """Full quantization time of ``method`` at the preset's official budget, from the entry's measured parts."""
+def project(entry: dict[str, Any], method: str, rates_from: str | None = None) -> dict[str, Any]:
+    """Full quantization time of ``method`` at the preset's official budget, from the entry's measured parts
+    (its AdaRound and LSQ loops at the fitted rates of ``rates_from``'s units, when given)."""
     b, m = entry["budget"], entry["methods"][method]
     bm = b["methods"][method]
     units = {u["name"]: u for u in entry["units"]}
@@ -783,7 +784,7 @@ def project(entry: dict[str, Any], method: str) -> dict[str, Any]:
     tf = entry["tfmq_model"]
 
     def fitted(loop: str) -> float:
-        fit = m["fits"][loop]
+        fit = entry["methods"][rates_from or method]["fits"][loop]
         return sum(fitted_s_per_100(fit[fit_kind(units[n]["class"])], units[n]["flops"]) for n in m["weight_units"])
 
     # one pass of unit caching: per unit, its inputs (the model up to the unit) and its FP target (up to and
@@ -810,6 +811,16 @@ def project(entry: dict[str, Any], method: str) -> dict[str, Any]:
         if bm["running_stat"]:
             parts["act_init_s"] += bm["pool_size"] / f["batch"] * f["ema_s"]
     return {"parts": parts, "total_s": sum(parts.values()), "capture_share": share}
+
+
+def project_all(entry: dict[str, Any]) -> None:
+    """Every method's projection, and TFMQ-DM's again with its AdaRound units at BRECQ's fitted rates: the same
+    weight-only AdaRound on (nearly) the same blocks, so the gap between the two is timing noise of the few
+    iterations each loop was timed for, which the TFMQ-DM / Q-Diffusion ratio should be read with."""
+    for method in entry["methods"]:
+        entry["methods"][method]["projection"] = project(entry, method)
+    if {"tfmq", "brecq"} <= set(entry["methods"]):
+        entry["methods"]["tfmq"]["projection"]["total_s_at_brecq_rates"] = project(entry, "tfmq", "brecq")["total_s"]
 
 
 def memory_of(entry: dict[str, Any], spec: Spec) -> dict[str, Any]:
@@ -861,8 +872,7 @@ def reuse(name: str, budget: dict[str, Any], src_name: str, src: dict[str, Any])
     arch = entry["arch"]
     ctx = arch["context"] or [None, None]
     entry["memory"] = memory_of(entry, Spec(arch["latent"][0], arch["latent"][1], ctx[0], ctx[1]))
-    for method in METHODS:
-        entry["methods"][method]["projection"] = project(entry, method)
+    project_all(entry)
     entry["measure_wall_s"] = 0.0
     print(f"[{name}] same architecture, recipes and sizes as {src_name}: its measurements, this preset's budget",
           flush=True)
@@ -934,8 +944,7 @@ def run_model(name: str, args: argparse.Namespace, dev: torch.device, runner: An
             del m["fits"]["lsq"]
         entry["methods"][method] = m
     entry["memory"] = memory_of(entry, spec)
-    for method in METHODS:
-        entry["methods"][method]["projection"] = project(entry, method)
+    project_all(entry)
     entry["measure_wall_s"] = time.perf_counter() - t_start
     if done is not None:
         done[mkey] = (name, entry)
@@ -990,6 +999,19 @@ def tables(res: dict[str, Any], others: list[dict[str, Any]] = ()) -> str:
             lines.append(f"| {name} ({e['budget']['preset']}) | {method} | {len(m['weight_units'])} | "
                          + " | ".join("-" if c == 0 else _dur(c) for c in cells)
                          + f" | **{_dur(m['projection']['total_s'])}** |")
+    ratios = [(name, e["methods"]) for name, e in res["models"].items()
+              if "total_s_at_brecq_rates" in e["methods"].get("tfmq", {}).get("projection", {})
+              and "qdiff" in e["methods"]]
+    if ratios:
+        lines += ["", "## TFMQ-DM / Q-Diffusion", "",
+                  "With TFMQ-DM's AdaRound units at BRECQ's fitted rates (the same weight-only AdaRound on nearly the "
+                  "same blocks; BRECQ's resnet units also hold their time-embedding projection) beside the ratio "
+                  "from its own rates: the difference is mostly the timing noise of the few iterations each unit "
+                  "loop was timed for.", "",
+                  "| model | ratio | with BRECQ's unit rates |", "|---|---|---|"]
+        for name, ms in ratios:
+            qd, tf = ms["qdiff"]["projection"]["total_s"], ms["tfmq"]["projection"]
+            lines.append(f"| {name} | {tf['total_s'] / qd:.2f} | {tf['total_s_at_brecq_rates'] / qd:.2f} |")
     if others:
         runs = [res, *others]
         lines += ["", "## Projected totals by device", "",
@@ -1104,8 +1126,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     for r in runs:
         res["models"].update(r["models"])
     for entry in res["models"].values():  # projections by the current formula, from the measured parts
-        for method in entry["methods"]:
-            entry["methods"][method]["projection"] = project(entry, method)
+        project_all(entry)
     return res
 
 

@@ -8,6 +8,7 @@ presets, and a projection that is exactly the sum of its recomputed parts.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -125,6 +126,21 @@ def test_the_projection_is_the_sum_of_its_parts(run):
             for k, v in want.items():
                 assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, method, k)
             assert m["projection"]["total_s"] == pytest.approx(sum(want.values()), rel=1e-12)
+
+
+def test_the_cross_check_times_tfmq_units_at_brecq_rates(run):
+    res, md = run
+    for name, e in res["models"].items():
+        tf, br = e["methods"]["tfmq"], e["methods"]["brecq"]
+        swapped = copy.deepcopy(e)
+        swapped["methods"]["tfmq"]["fits"] = br["fits"]
+        want = cas.project(swapped, "tfmq")["total_s"]
+        assert tf["projection"]["total_s_at_brecq_rates"] == pytest.approx(want, rel=1e-12)
+        adaround = tf["projection"]["parts"]["adaround_s"]
+        assert tf["projection"]["total_s_at_brecq_rates"] - tf["projection"]["total_s"] == pytest.approx(
+            cas.project(swapped, "tfmq")["parts"]["adaround_s"] - adaround, rel=1e-9)
+        row = f"| {name} | {tf['projection']['total_s'] / e['methods']['qdiff']['projection']['total_s']:.2f} | "
+        assert row in md
 
 
 def test_each_fit_goes_through_its_measured_units_unless_clipped(run):

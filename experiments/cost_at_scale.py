@@ -558,6 +558,7 @@ def measure_unit(b: Bench, name: str, method: str, cfg: Any, origin: str, budget
     engine's own loops on the unit's captured input repeated to the reconstruction batch."""
     from tfmq_exp.methods.pipeline import set_quant_state, settings_from, unit_act_quantizers, weight_quantizers_of
     from tfmq_exp.models import adapters
+    from tfmq_exp.quant.frozen import frozen_weights
     from tfmq_exp.quant.modules import quant_modules
     from tfmq_exp.quant.swap import init_weight_ranges, swap_modules
     from tfmq_exp.recon.engine import _as_buffer, _as_parameter, lp_loss, optimize_rounding, optimize_steps
@@ -630,9 +631,10 @@ def measure_unit(b: Bench, name: str, method: str, cfg: Any, origin: str, budget
             saved = saved_split(lambda n: loss_at(n, base.act_p), held | _storages(params))
             for q in lqs:
                 _as_buffer(q)
-            out["lsq"] = loop(lambda s, nb: optimize_steps(
-                lqs, lambda idx: loss_at(len(idx), s.act_p), nb, s, b.runner, 0, desc=f"lsq {name}"), saved,
-                min(nb, fitting_batch(batch, 3 * saved[1] + 2 * io, _limit(b), 3 * saved[0])))
+            with frozen_weights(shell):  # as lsq_stage: every rounding is final, the weights quantized once
+                out["lsq"] = loop(lambda s, nb: optimize_steps(
+                    lqs, lambda idx: loss_at(len(idx), s.act_p), nb, s, b.runner, 0, desc=f"lsq {name}"), saved,
+                    min(nb, fitting_batch(batch, 3 * saved[1] + 2 * io, _limit(b), 3 * saved[0])))
     return out
 
 

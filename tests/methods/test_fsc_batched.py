@@ -52,10 +52,13 @@ def test_batched_tables_equal_step_by_step_on_a_unet_with_attention_quantizers()
     one = tables(copy.deepcopy(q), rec, max_batch=1)
     batched = tables(copy.deepcopy(q), rec, max_batch=1000)
     assert len(one) > 30
-    # convolutions and matmuls of a larger batch round differently in the last bits, and the deeper layers
-    # see that through their inputs: most entries agree exactly, none by more than 0.1 %
+    # convolutions and matmuls of a larger batch round differently in the last bits (how, depends on the
+    # CPU's kernels), and a last-bit change that moves one value across a rounding threshold moves it by a
+    # whole 8-bit step, which the deeper layers see in their extremes: most entries agree exactly, and none
+    # differs by more than a few 8-bit steps of its range (1/255 = 0.4 %; 0.35 % measured on an AVX-512 CPU,
+    # under 0.1 % on another)
     rel = torch.cat([((s2 - s1).abs() / s1).flatten() for (s1, _), (s2, _) in zip(one, batched, strict=True)])
-    assert rel.max() < 1e-3 and rel.median() < 1e-6
+    assert rel.max() < 1e-2 and rel.median() < 1e-6 and (rel == 0).float().mean() > 0.5
     for (s1, z1), (s2, z2) in zip(one, batched, strict=True):
         assert s1.shape == s2.shape == (4,)
         assert (z2 - z1).abs().max() <= 1  # a zero point may round the other way on a last-bit difference

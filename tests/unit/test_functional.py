@@ -15,6 +15,31 @@ def test_fake_quant_hand_values():
     assert q.tolist() == [-1.0, -0.5, 0.0, 0.0, 0.5, 0.5]
 
 
+def _ste_reference(x, scale, zp, qmin, qmax):
+    """fake_quant's formula as written, with the straight-through rounding."""
+    return (torch.clamp(F.round_ste(x / scale) + zp, qmin, qmax) - zp) * scale
+
+
+@pytest.mark.parametrize("bits,per_channel", [(8, False), (4, True), (2, False)])
+def test_fake_quant_without_gradients_gives_the_same_bits_as_the_ste_path(bits, per_channel):
+    """The no-gradient path (fewer passes) against the STE formula: exact ties (k + 0.5) * s, values far
+    outside the grid, exact grid points, one-signed zero points outside [0, 2^b - 1], per channel and not."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 40, generator=g) * torch.tensor([1e-3, 0.1, 1.0, 30.0, 1e4, 3.0]).view(-1, 1, 1)
+    shape = (6, 1, 1) if per_channel else ()
+    scale = (torch.rand(shape, generator=g) * 0.2 + 0.01) if per_channel else torch.tensor(0.037)
+    zp = torch.round(torch.randn(shape, generator=g) * 3) if per_channel else torch.tensor(-7.0)
+    x[0, 0, :10] = (torch.arange(10) - 4.5) * (scale[0, 0, 0] if per_channel else scale)  # ties
+    x[1, 0, :10] = (torch.arange(10) - 5.0) * (scale[1, 0, 0] if per_channel else scale)  # grid points
+    qmin, qmax = F.qrange(bits)
+    got = F.fake_quant(x, scale, zp, qmin, qmax)
+    ref = _ste_reference(x, scale, zp, qmin, qmax)
+    assert torch.equal(got, ref)
+    assert got.unique().numel() > 2  # not all clipped to one value
+    with torch.no_grad():  # x that requires grad, under no_grad: the fast path as well
+        assert torch.equal(F.fake_quant(x.clone().requires_grad_(True), scale, zp, qmin, qmax), ref)
+
+
 def test_round_ste_gradient_is_one():
     x = torch.tensor([0.3, 1.7, -2.2], requires_grad=True)
     F.round_ste(x).sum().backward()

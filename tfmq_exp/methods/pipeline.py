@@ -18,6 +18,7 @@ from torch import nn
 from tfmq_exp.checks import require_finite
 from tfmq_exp.diffusion.calib_pool import Batch, CalibPool, call_model
 from tfmq_exp.progress import progress_bar as tqdm
+from tfmq_exp.quant.frozen import frozen_weights
 from tfmq_exp.quant.modules import QuantMixin, quant_modules
 from tfmq_exp.quant.quantizer import UniformQuantizer
 from tfmq_exp.quant.steps import step_context
@@ -131,8 +132,9 @@ def weight_stage(
         if not layers:
             continue
         store = _storage(runner, cache_on)
-        inputs = capture_inputs(qmodel, unit.module, _on(pool, dev).batches(cache_batch), _run, store,
-                                desc=f"inputs of {unit.name}")
+        with frozen_weights(qmodel):  # no rounding is learned while the quantized model's inputs are captured
+            inputs = capture_inputs(qmodel, unit.module, _on(pool, dev).batches(cache_batch), _run, store,
+                                    desc=f"inputs of {unit.name}")
         fp_batches = _on(pool, dev).batches(cache_batch)
         if keep_fp is None:
             targets = capture_outputs(fp_model, fp_modules[unit.name], fp_batches, _run, store,
@@ -170,23 +172,24 @@ def lsq_stage(
     fp_modules = dict(fp_model.named_modules())
     dev = runner.device
     reports = []
-    for i, unit in enumerate(tqdm(units, desc="activation stage (units)", mininterval=2.0)):
-        got = kept.take(unit.name) if kept is not None else None
-        qs = [q for q in unit_act_quantizers(unit.module) if q.enabled and q.initialized and q.n_bits < skip_bits]
-        if not qs:
-            continue
-        if got is None:
-            got = capture_io(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run,
-                             _storage(runner, cache_on), desc=f"FP inputs and targets of {unit.name}")
-        inputs, targets = got
-        del got
+    with frozen_weights(qmodel):  # every rounding is final: the weights are quantized once
+        for i, unit in enumerate(tqdm(units, desc="activation stage (units)", mininterval=2.0)):
+            got = kept.take(unit.name) if kept is not None else None
+            qs = [q for q in unit_act_quantizers(unit.module) if q.enabled and q.initialized and q.n_bits < skip_bits]
+            if not qs:
+                continue
+            if got is None:
+                got = capture_io(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run,
+                                 _storage(runner, cache_on), desc=f"FP inputs and targets of {unit.name}")
+            inputs, targets = got
+            del got
 
-        def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
-            args, kwargs = inputs.select(idx, dev)
-            return lp_loss(_call(unit.module, args, kwargs), targets[idx.to(targets.device)], p=s.act_p)
+            def loss_fn(idx: torch.Tensor, unit=unit, inputs=inputs, targets=targets) -> torch.Tensor:
+                args, kwargs = inputs.select(idx, dev)
+                return lp_loss(_call(unit.module, args, kwargs), targets[idx.to(targets.device)], p=s.act_p)
 
-        rep = optimize_steps(qs, loss_fn, inputs.n, s, runner, seed + i, desc=f"lsq {unit.name}")
-        reports.append({"unit": unit.name, "kind": unit.kind, "stage": "act", **rep})
+            rep = optimize_steps(qs, loss_fn, inputs.n, s, runner, seed + i, desc=f"lsq {unit.name}")
+            reports.append({"unit": unit.name, "kind": unit.kind, "stage": "act", **rep})
     return reports
 
 
@@ -235,13 +238,14 @@ def init_activations(
         q.observing, q.running_stat = True, False
     dev = next(qmodel.parameters()).device
     first = pool.shuffled(n_init, seed) if order == "random" else pool.subset(torch.arange(min(n_init, len(pool))))
-    call_model(qmodel, first.to(dev).all())
-    if running_stat:
-        for q in qs:
-            q.running_stat = True
-        stream = pool.shuffled(None, seed + 1) if stat_order == "shuffled" else pool
-        for b in stream.to(dev).batches(batch_size):
-            call_model(qmodel, b)
+    with frozen_weights(qmodel):
+        call_model(qmodel, first.to(dev).all())
+        if running_stat:
+            for q in qs:
+                q.running_stat = True
+            stream = pool.shuffled(None, seed + 1) if stat_order == "shuffled" else pool
+            for b in stream.to(dev).batches(batch_size):
+                call_model(qmodel, b)
     for j, q in enumerate(qs):
         q.observing = q.running_stat = False
         if q.initialized:
@@ -298,7 +302,7 @@ def fsc_stage(
         try:
             # one step alone runs under its step index; several steps in one forward concatenate the k-th
             # mini-batch of each (quantizers in grouped mode keep one range per step slice)
-            with step_context(chunk[0] if len(chunk) == 1 else None):
+            with step_context(chunk[0] if len(chunk) == 1 else None), frozen_weights(qmodel):
                 call_model(qmodel, _concat([f.to(dev).all() for f in firsts]))
                 for q in quantizers:
                     q.running_stat = True

@@ -6,6 +6,7 @@ This package imports neither Hydra nor Lightning, so it can be used on its own::
     quantize(model, recipe, forward_loop)
 """
 
+from tfmq_exp.quant.frozen import frozen_weights
 from tfmq_exp.quant.modules import QuantConv2d, QuantLinear, quant_modules
 from tfmq_exp.quant.quantizer import UniformQuantizer
 from tfmq_exp.quant.recipe import QuantizerSpec, QuantRecipe, QuantRule
@@ -21,6 +22,7 @@ __all__ = [
     "QuantizerSpec",
     "UniformQuantizer",
     "calibrate_activations",
+    "frozen_weights",
     "quant_modules",
     "quant_summary",
     "quantize",

@@ -28,7 +28,13 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     """Q(x) = s * (clip(round(x/s) + z, qmin, qmax) - z), with STE rounding.
 
     Gradients flow to ``x`` (STE) and to ``scale`` (the LSQ gradient, without its 1/sqrt(N Qp) factor).
+    Where no gradient is recorded (calibration forwards, sampling) the same value takes half the passes:
+    round_ste's (round(t) - t) + t is exactly round(t) (round(t) - t is exact by Sterbenz' lemma, or
+    round(t) = 0), and on integer-valued floats clamp(r + z, qmin, qmax) - z is exactly clamp(r, qmin - z,
+    qmax - z), so both paths give the same bits (tests/unit/test_functional.py).
     """
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        return torch.div(x, scale).round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 

@@ -39,7 +39,34 @@ class QuantMixin:
     def input_quantizers(self) -> list[UniformQuantizer]:
         return [self.input_quantizer] + ([self.input_quantizer_split] if self.split else [])
 
+    def weight_signature(self) -> tuple:
+        """What the quantized weight depends on (``frozen_weights``): each tensor by identity, version and
+        storage (``module.to`` swaps a parameter's data in place), and the quantizers' switches."""
+        tensors = [self.weight]
+        sig: list = []
+        for q in self.weight_quantizers():
+            tensors += [q.scale, q.zero_point] + ([] if q.alpha is None else [q.alpha])
+            sig += [q.enabled, q.rounding, q.alpha is None]
+        for t in tensors:
+            sig += [t, t._version, t.data_ptr()]
+        return tuple(sig)
+
+    def frozen_weight(self) -> torch.Tensor | None:
+        """The quantized weight ``frozen_weights`` stored, if the layer still matches it (else it is dropped)."""
+        frozen = self.__dict__.get("_frozen_weight")
+        if frozen is None:
+            return None
+        value, sig = frozen
+        if all(a is b or (not isinstance(a, torch.Tensor) and a == b)
+               for a, b in zip(self.weight_signature(), sig, strict=True)):
+            return value
+        self.__dict__["_frozen_weight"] = None
+        return None
+
     def quantized_weight(self) -> torch.Tensor:
+        frozen = self.frozen_weight()
+        if frozen is not None:
+            return frozen
         w = self.weight
         if not self.split:
             return self.weight_quantizer(w)

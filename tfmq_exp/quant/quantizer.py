@@ -84,9 +84,9 @@ class UniformQuantizer(nn.Module):
 
     def _extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.per_channel:
-            flat = x.detach().reshape(x.shape[0], -1)
-            return self._shape(x, flat.min(1).values), self._shape(x, flat.max(1).values)
-        return x.detach().min(), x.detach().max()
+            lo, hi = torch.aminmax(x.detach().reshape(x.shape[0], -1), dim=1)  # one pass for both
+            return self._shape(x, lo), self._shape(x, hi)
+        return torch.aminmax(x.detach())
 
     def init_range(self, x: torch.Tensor) -> None:
         """Set (scale, zero_point) from ``x`` by the ``init`` rule; keep the raw extremes for a later EMA."""
@@ -157,7 +157,7 @@ class UniformQuantizer(nn.Module):
                 lo, hi, s, z = (torch.stack(v) for v in zip(*(self._init_params(p) for p in parts), strict=True))
                 self.x_min, self.x_max, self.scale, self.zero_point = lo, hi, s, z
             else:
-                self._update_from(flat.detach().amin(1), flat.detach().amax(1))
+                self._update_from(*torch.aminmax(flat.detach(), dim=1))
         elif self.scale.shape != (g,):
             raise RuntimeError("grouped calibration needs the quantizer to observe first")
         return F.fake_quant(flat, self.scale[:, None], self.zero_point[:, None], self.qmin, self.qmax).reshape(x.shape)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from tfmq_exp.quant.frozen import frozen_weights
 from tfmq_exp.quant.modules import QUANT_CLASSES, QuantMixin, quant_modules
 from tfmq_exp.quant.quantizer import UniformQuantizer
 from tfmq_exp.quant.recipe import QuantizerSpec, QuantRecipe
@@ -80,7 +81,8 @@ def calibrate_activations(
             q.reset()
         q.enabled, q.observing, q.running_stat = True, True, running_stat
     try:
-        forward_loop(model)
+        with frozen_weights(model):
+            forward_loop(model)
     finally:
         for q in qs:
             q.observing = q.running_stat = False

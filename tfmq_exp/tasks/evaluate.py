@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from tfmq_exp.quant.frozen import frozen_weights
 from tfmq_exp.quant.steps import step_context
 
 log = logging.getLogger("tfmq_exp")
@@ -103,8 +104,9 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     what = f"samples of {cfg.ckpt or 'the FP model'}"
     set_stage("sampling")
     cond, cond_info = conditioning_for(cfg, model, n, int(cfg.seed))
-    x = sample_sharded(sampler, checked_model_fn(unet_fn(model.unet), what), n, image_shape(model), cfg.seed,
-                       int(cfg.sampler.batch_size), fabric, cond=cond)
+    with frozen_weights(model.unet):  # a quantized model's weights are quantized once, not per call
+        x = sample_sharded(sampler, checked_model_fn(unet_fn(model.unet), what), n, image_shape(model), cfg.seed,
+                           int(cfg.sampler.batch_size), fabric, cond=cond)
     require_finite(x, what, "the weights or the checkpoint's ranges are broken")
     imgs = to_uint8(to_images(model, x))
     if fabric is not None and fabric.global_rank != 0:

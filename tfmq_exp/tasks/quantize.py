@@ -14,6 +14,7 @@ from tfmq_exp.export.size_report import deploy_report
 from tfmq_exp.methods import MethodContext, build_recipe, get_method
 from tfmq_exp.models.attention import attention_settings
 from tfmq_exp.models.loader import load_model
+from tfmq_exp.quant.frozen import frozen_weights
 from tfmq_exp.quant.state import save_quantized
 from tfmq_exp.quant.summary import quant_summary
 from tfmq_exp.results import config_signature, save_rows_png, write_json, write_npz
@@ -86,9 +87,10 @@ def run_quantize(cfg: DictConfig, out: Path) -> dict[str, Any]:
         fp_img = to_uint8(to_images(model, finite(sampler.sample(
             fp_fn, n_fp if res.recipe else n_q, shape, cfg.seed, bs, desc="FP samples", cond=cond), "FP samples")))
         q_name = f"{cfg.quantizer.name} {bits} samples"
-        q_img = fp_img if res.recipe is None else to_uint8(to_images(model, finite(
-            sampler.sample(checked_model_fn(unet_fn(res.model), q_name), n_q, shape, cfg.seed, bs,
-                           desc=f"{cfg.quantizer.name} samples", cond=cond), q_name)))
+        with frozen_weights(res.model):  # every rounding is final: the weights are quantized once
+            q_img = fp_img if res.recipe is None else to_uint8(to_images(model, finite(
+                sampler.sample(checked_model_fn(unet_fn(res.model), q_name), n_q, shape, cfg.seed, bs,
+                               desc=f"{cfg.quantizer.name} samples", cond=cond), q_name)))
     save_rows_png([fp_img[: cfg.n_grid], q_img[: cfg.n_grid]], out / "samples.png")
     write_npz(out / "samples.npz", arr_0=q_img.permute(0, 2, 3, 1).numpy())  # ADM layout: uint8 NHWC
     n_cmp = int(cfg.n_compare)

@@ -15,6 +15,7 @@ from tfmq_exp.diffusion.sharding import sample_sharded
 from tfmq_exp.errors import UserError
 from tfmq_exp.models.attention import reinstall_attention_quantizers, set_attention_quant_state
 from tfmq_exp.models.loader import load_model
+from tfmq_exp.quant.frozen import frozen_weights
 from tfmq_exp.quant.state import load_quantized, read_header
 from tfmq_exp.results import save_rows_png, write_json, write_npz
 from tfmq_exp.tasks.common import (
@@ -121,7 +122,7 @@ def run_sample(cfg: DictConfig, out: Path) -> dict[str, Any]:
     n = int(cfg.n_compare)
     what = f"samples of {cfg.ckpt or 'the FP model'}"
     cond, cond_info = conditioning_for(cfg, model, n, int(cfg.seed))
-    with timed(timings, "sampling_s"):
+    with timed(timings, "sampling_s"), frozen_weights(model.unet):
         x = sample_sharded(sampler, checked_model_fn(model_fn, what), n, image_shape(model), cfg.seed,
                            batch, fabric, cond=cond)
     require_finite(x, what, "the weights or the checkpoint's ranges are broken")

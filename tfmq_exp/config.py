@@ -141,6 +141,7 @@ class ReconConfig:
     beta_end: float = field(default=2.0, metadata=between(0, 1000, lo_open=True))
     cache_on: str = field(default="device", metadata=choice("device", "host"))
     keep_fp_gb: float = field(default=4.0, metadata=at_least(0, zero="the activation stage recaptures every unit"))
+    fp_precision: str = field(default="f32", metadata=choice("f32", "bf16", "f16"))  # FP targets' passes
 
 
 @dataclass

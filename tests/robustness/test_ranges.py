@@ -33,6 +33,7 @@ from tfmq_exp.precheck import group_options, precheck
         ("sampler.kind=euler", r"sampler\.kind=euler is not allowed\. Fix: use one of \['ddim', 'plms', 'ddpm'\]"),
         ("recon.cache_on=disk", r"recon\.cache_on=disk is not allowed"),
         ("recon.keep_fp_gb=-1", r"recon\.keep_fp_gb=-1\.0 is out of range"),
+        ("recon.fp_precision=fp8", r"recon\.fp_precision=fp8 is not allowed\. Fix: use one of \['f32', 'bf16'"),
     ],
 )
 def test_out_of_range_values_are_named_with_the_range(make_cfg, override, message):

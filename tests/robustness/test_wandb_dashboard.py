@@ -80,13 +80,16 @@ def _records(path: Path):
 def read_offline_run(folder: Path) -> dict:
     """run metadata, config, final summary, metric definitions and artifacts of the one offline run in folder.
 
-    W&B's service process writes the file; on a loaded machine its run record can land a moment after
-    ``finish()`` returns (seen once in CI with another job on the cores), so the file is read again for up to
-    10 s until the run record is there."""
-    for _ in range(20):
+    W&B's service process writes the file; on a loaded machine its records can land a moment after
+    ``finish()`` returns (seen in CI with another job on the cores: first the run record, later the final
+    summary), so the file is read again, for up to 30 s, until it holds the run record and the exit record
+    and two reads a moment apart find the same number of records."""
+    last = -1
+    for _ in range(60):
         out = _read_offline_run(folder)
-        if "group" in out:
+        if "group" in out and out["exited"] and out["records"] == last:
             return out
+        last = out["records"]
         time.sleep(0.5)
     return out
 
@@ -94,9 +97,11 @@ def read_offline_run(folder: Path) -> dict:
 def _read_offline_run(folder: Path) -> dict:
     runs = sorted(folder.glob("wandb/offline-run-*"))
     assert len(runs) == 1, runs
-    out: dict = {"dir": runs[0], "summary": {}, "metrics": {}, "artifacts": []}
+    out: dict = {"dir": runs[0], "summary": {}, "metrics": {}, "artifacts": [], "exited": False, "records": 0}
     for rec in _records(next(runs[0].glob("run-*.wandb"))):
         kind = rec.WhichOneof("record_type")
+        out["records"] += 1
+        out["exited"] |= kind == "exit"
         if kind == "run":
             r = rec.run
             out.update(group=r.run_group, job_type=r.job_type, name=r.display_name, tags=list(r.tags), notes=r.notes,

@@ -128,3 +128,52 @@ def test_unknown_cache_placement_is_an_error():
     unit = SimpleNamespace(name="block", module=q.block, kind="block")
     with pytest.raises(ValueError, match="cache_on"):
         weight_stage(q, fp, [unit], rec.pool(1), ReconSettings(iters=1), FabricRunner(), seed=0, cache_on="gpu0")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_reduced_precision_fp_targets_are_float32_and_move_the_targets_only_by_bf16_rounding(monkeypatch, keep):
+    """recon.fp_precision=bf16: every FP capture (targets, kept FP inputs, the LSQ stage's recapture) ran under
+    autocast, is stored back in float32, and differs from the f32 capture by bf16's rounding, not more."""
+    import tfmq_exp.methods.pipeline as pipeline
+    from tfmq_exp.recon.capture import FPCache
+
+    seen: dict[str, list[torch.Tensor]] = {"f32": [], "bf16": []}
+    real_out, real_io = pipeline.capture_outputs, pipeline.capture_io
+
+    def cap_out(model, unit, batches, run, storage="cpu", desc=None):
+        out = real_out(model, unit, batches, run, storage)
+        seen[mode].append(out)
+        return out
+
+    def cap_io(model, unit, batches, run, storage="cpu", desc=None):
+        inputs, out = real_io(model, unit, batches, run, storage)
+        seen[mode].append(out)
+        return inputs, out
+
+    monkeypatch.setattr(pipeline, "capture_outputs", cap_out)
+    monkeypatch.setattr(pipeline, "capture_io", cap_io)
+    stored = {}
+    for mode in ("f32", "bf16"):
+        fp, q, rec = _setup()
+        pool, runner = rec.pool(1), FabricRunner()
+        unit = SimpleNamespace(name="block", module=q.block, kind="block")
+        s = ReconSettings(iters=5, batch_size=16, act_iters=5, fp_precision=mode)
+        kept = FPCache(2**30) if keep else None
+        real_offer = kept.offer if keep else None
+        if keep:
+            def offer(name, inputs, outputs, real_offer=real_offer, mode=mode):
+                stored[mode] = (inputs.args[0].data, outputs)
+                return real_offer(name, inputs, outputs)
+            kept.offer = offer
+        weight_stage(q, fp, [unit], pool, s, runner, seed=0, keep_fp=kept)
+        init_activations(q, pool, 16, seed=0, running_stat=False, batch_size=16)
+        lsq_stage(q, fp, [unit], pool, s, runner, seed=0, kept=kept)
+    assert len(seen["bf16"]) == (1 if keep else 2)  # the LSQ stage recaptures unless the weight stage kept
+    for a, b in zip(seen["f32"], seen["bf16"], strict=True):
+        assert a.dtype == torch.float32 and b.dtype == torch.bfloat16  # the capture itself ran under autocast
+        rel = (b.float() - a).norm() / a.norm()
+        assert 0 < rel < 2e-2  # bf16 keeps 8 bits of mantissa: about 0.4 % per value
+    if keep:
+        for t in (*stored["bf16"],):
+            assert t.dtype == torch.float32  # stored back in the reconstruction's precision
+        assert not torch.equal(stored["bf16"][1], stored["f32"][1])

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from tfmq_exp.quant.quantizer import UniformQuantizer
 from tfmq_exp.quant.steps import step_context
 from tfmq_exp.quant.swap import activation_quantizers
 from tfmq_exp.quant.swap import set_quant_state as _set_layers
-from tfmq_exp.recon.capture import FPCache, capture_inputs, capture_io, capture_outputs
+from tfmq_exp.recon.capture import FPCache, capture_inputs, capture_io, capture_outputs, to_float32
 from tfmq_exp.recon.engine import FabricRunner, ReconSettings, lp_loss, optimize_rounding, optimize_steps
 
 log = logging.getLogger("tfmq_exp")
@@ -60,7 +61,18 @@ def settings_from(recon: Any) -> ReconSettings:
         iters=int(recon.iters), batch_size=int(recon.batch_size), lr=float(recon.weight_lr),
         reg_weight=float(recon.reg_weight), warmup=float(recon.warmup), beta_start=float(recon.beta_start),
         beta_end=float(recon.beta_end), act_iters=int(recon.act_iters), act_lr=float(recon.act_lr),
+        fp_precision=str(recon.get("fp_precision", "f32")),
     )
+
+
+FP_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def fp_autocast(s: ReconSettings, dev: torch.device) -> Any:
+    """The FP model's passes (unit targets, kept FP inputs, TIAR's targets) under ``recon.fp_precision``:
+    f32 as the official code, or autocast to bf16 / f16, whose captures are stored back in float32."""
+    dtype = FP_DTYPES.get(s.fp_precision)
+    return nullcontext() if dtype is None else torch.autocast(device_type=dev.type, dtype=dtype)
 
 
 def runner_from(trainer: Any) -> FabricRunner:
@@ -137,11 +149,15 @@ def weight_stage(
                                     desc=f"inputs of {unit.name}")
         fp_batches = _on(pool, dev).batches(cache_batch)
         if keep_fp is None:
-            targets = capture_outputs(fp_model, fp_modules[unit.name], fp_batches, _run, store,
-                                      desc=f"targets of {unit.name}")
+            with fp_autocast(s, dev):
+                targets = capture_outputs(fp_model, fp_modules[unit.name], fp_batches, _run, store,
+                                          desc=f"targets of {unit.name}")
+            targets = to_float32(targets)
         else:
-            fp_inputs, targets = capture_io(fp_model, fp_modules[unit.name], fp_batches, _run, store,
-                                            desc=f"targets of {unit.name}")
+            with fp_autocast(s, dev):
+                fp_inputs, targets = capture_io(fp_model, fp_modules[unit.name], fp_batches, _run, store,
+                                                desc=f"targets of {unit.name}")
+            fp_inputs, targets = to_float32(fp_inputs), to_float32(targets)
             keep_fp.offer(unit.name, fp_inputs, targets)
             del fp_inputs
 
@@ -179,8 +195,10 @@ def lsq_stage(
             if not qs:
                 continue
             if got is None:
-                got = capture_io(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run,
-                                 _storage(runner, cache_on), desc=f"FP inputs and targets of {unit.name}")
+                with fp_autocast(s, dev):
+                    got = capture_io(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run,
+                                     _storage(runner, cache_on), desc=f"FP inputs and targets of {unit.name}")
+                got = tuple(to_float32(v) for v in got)
             inputs, targets = got
             del got
 
@@ -201,8 +219,9 @@ def tiar_stage(
     set_quant_state(qmodel, weight=True, act=False)
     modules = dict(qmodel.named_modules())
     layers = [modules[n] for n in temporal if isinstance(modules.get(n), QuantMixin) and modules[n].allow_weight_quant]
-    with torch.no_grad():
+    with torch.no_grad(), fp_autocast(s, runner.device):
         targets = {k: v.to(runner.device) for k, v in tib_features(fp_model, t).items()}
+    targets = to_float32(targets)
     t_dev = t.to(runner.device)
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,20 @@ class _Batched:
     data: torch.Tensor
 
 
+def to_float32(obj: Any) -> Any:
+    """A capture (tensor, cached call, dict of tensors) with its floating tensors in float32: what a reduced-
+    precision FP pass (``recon.fp_precision``) captured, in the precision the reconstruction runs in."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, _Batched):
+        return _Batched(to_float32(obj.data))
+    if isinstance(obj, CachedCall):
+        return CachedCall([to_float32(a) for a in obj.args], {k: to_float32(v) for k, v in obj.kwargs.items()}, obj.n)
+    if isinstance(obj, dict):
+        return {k: to_float32(v) for k, v in obj.items()}
+    return obj
+
+
 def _merge(parts: list[Any], n_batch: list[int], storage: str | torch.device) -> Any:
     first = parts[0]
     if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == n_batch[0]:

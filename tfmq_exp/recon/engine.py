@@ -37,6 +37,7 @@ class ReconSettings:
     act_lr: float = 4e-4
     act_p: float = 2.4
     eval_samples: int = 256
+    fp_precision: str = "f32"  # the FP model's passes (targets, kept FP inputs): f32, or autocast to bf16 / f16
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:

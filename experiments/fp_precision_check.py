@@ -5,7 +5,7 @@
 
 For each method: one quantize run with FP targets in f32 (the default) and one with the FP passes under
 autocast, on the same calibration record and seed. Compared: the hard AdaRound roundings (share of weights
-rounded the same way), the activation tables (relative difference of the steps), the samples (PSNR of one
+with the same integer code), the activation tables (relative difference of the steps), the samples (PSNR of one
 run's samples to the other's, and each run's PSNR to the FP samples) and the stage times. Writes
 experiments/results/fp_precision_check.json. On a CPU the time is not the point (autocast there may be
 slower); the quality figures are what a GPU run would also see, up to its own rounding of bf16 matmuls.
@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def quantize(method: str, bits: str, precision: str, out: Path) -> Path:
+def quantize(method: str, bits: str, precision: str, out: Path, reuse: bool) -> Path:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -35,6 +35,9 @@ def quantize(method: str, bits: str, precision: str, out: Path) -> Path:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     run_dir = out / f"{method}_{bits}_{precision}"
+    done = run_dir / "results.json"
+    if reuse and done.is_file() and json.loads(done.read_text()).get("complete"):
+        return run_dir
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"quantizer={method}", f"bits={bits}", "evaluator=none", f"recon.fp_precision={precision}",
@@ -52,9 +55,9 @@ def compare(ref: Path, other: Path) -> dict:
     from safetensors.torch import load_file
 
     a, b = load_file(str(ref / "quantized.safetensors")), load_file(str(other / "quantized.safetensors"))
-    alphas = [k for k in a if k.endswith("alpha")]
-    same = sum(int(((a[k] >= 0) == (b[k] >= 0)).sum()) for k in alphas)
-    total = sum(a[k].numel() for k in alphas)
+    codes = [k for k in a if k.endswith("weight_int")]  # the integer weights the checkpoint stores
+    same = sum(int((a[k] == b[k]).sum()) for k in codes)
+    total = sum(a[k].numel() for k in codes)
     steps = [k for k in a if k.endswith("step_scale") or (k.endswith(".scale") and "input_quantizer" in k)]
     rel = torch.cat([((b[k] - a[k]).abs() / a[k].abs().clamp_min(1e-12)).flatten() for k in steps]) if steps else None
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (ref, other))
@@ -76,11 +79,12 @@ def main() -> None:
     ap.add_argument("--bits", default="w4a8")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "f16"])
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "fp_precision_check")
+    ap.add_argument("--reuse", action="store_true", help="keep runs of an earlier call that completed")
     args = ap.parse_args()
     rows = []
     for m in args.methods:
-        ref = quantize(m, args.bits, "f32", args.out)
-        other = quantize(m, args.bits, args.precision, args.out)
+        ref = quantize(m, args.bits, "f32", args.out, args.reuse)
+        other = quantize(m, args.bits, args.precision, args.out, args.reuse)
         row = {"method": m, "bits": args.bits, "precision": args.precision, **compare(ref, other)}
         rows.append(row)
         print(f"{m} {args.bits} {args.precision}: {100 * row['rounding_same_share']:.2f} % of roundings the same, "

@@ -33,7 +33,8 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     round(t) = 0), and on integer-valued floats clamp(r + z, qmin, qmax) - z is exactly clamp(r, qmin - z,
     qmax - z), so both paths give the same bits (tests/unit/test_functional.py).
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+    needs_grad = x.requires_grad or scale.requires_grad or getattr(zero_point, "requires_grad", False)
+    if not (torch.is_grad_enabled() and needs_grad):
         return torch.div(x, scale).round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale

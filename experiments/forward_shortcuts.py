@@ -80,11 +80,11 @@ def forwards(unet, variant, names, shape, batches, rounds, reps) -> list[dict]: 
         x, t = torch.randn(batch, *shape, generator=gen), torch.full((batch,), 500)
         outs, times = {}, {n: [] for n in names}
         for n in names:
-            with variant(n):
+            with variant(unet, n):
                 outs[n] = unet(x, t).sample  # warm-up, and the output compared below
         for _ in range(rounds):
             for n in names:
-                with variant(n):
+                with variant(unet, n):
                     t0 = time.perf_counter()
                     for _ in range(reps):
                         unet(x, t)
@@ -116,7 +116,7 @@ def fsc_ab(unet: torch.nn.Module, variant, steps: int, rounds: int) -> dict:  # 
     tables = {}
     for _ in range(rounds):
         for name in times:
-            with variant(name):
+            with variant(unet, name):
                 t0 = time.perf_counter()
                 fsc_stage(unet, pools, steps, qs, init_samples=16, batch_size=16, momentum=0.95, seed=0)
                 times[name].append(time.perf_counter() - t0)
@@ -146,18 +146,17 @@ def main() -> None:
     fast = F.fake_quant
 
     @contextlib.contextmanager
-    def variant(name: str):  # noqa: ANN202
-        set_quant_state(model[0], weight=name != "fp", act=name != "fp")
+    def variant(unet: torch.nn.Module, name: str):  # noqa: ANN202
+        set_quant_state(unet, weight=name != "fp", act=name != "fp")
         F.fake_quant = ste_fake_quant if name == "plain" else fast
         pipeline.frozen_weights = frozen_weights if name == "both" else (lambda m: contextlib.nullcontext(0))
         try:
-            with frozen_weights(model[0]) if name == "both" else contextlib.nullcontext():
+            with frozen_weights(unet) if name == "both" else contextlib.nullcontext():
                 yield
         finally:
             F.fake_quant, pipeline.frozen_weights = fast, frozen_weights
 
     names = ["fp", "plain", "fast fake-quant", "both"]
-    model = [unet]
     rows = forwards(unet, variant, names, (1, 28, 28), (16, 64), args.rounds, args.reps)
     fsc = fsc_ab(unet, variant, args.fsc_steps, args.fsc_rounds)
     print(f"FSC of {args.fsc_steps} steps: plain {fsc['plain_s']:.1f} s, both {fsc['both_s']:.1f} s "
@@ -165,10 +164,9 @@ def main() -> None:
     result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "reps": args.reps, "rows": rows,
               "fsc": fsc}
     if args.bedroom:  # a large model at a sampling batch, where the weights are a larger share of the work
-        del unet
-        model[0] = quantized(bedroom_unet(), (3, 64, 64))
+        unet = quantized(bedroom_unet(), (3, 64, 64))
         result["bedroom_rounds"] = args.bedroom_rounds
-        result["bedroom"] = forwards(model[0], variant, names, (3, 64, 64), (1,), args.bedroom_rounds, 1)
+        result["bedroom"] = forwards(unet, variant, names, (3, 64, 64), (1,), args.bedroom_rounds, 1)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 

@@ -107,8 +107,9 @@ def _log_to_file(line: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from tfmq_exp.tasks.common import current_stage
+    from tfmq_exp.tasks.common import current_stage, install_sigint_handler
 
+    install_sigint_handler()
     try:
         results = run(cfg)
     except UserError as err:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -68,11 +67,15 @@ def settings_from(recon: Any) -> ReconSettings:
 FP_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
-def fp_autocast(s: ReconSettings, dev: torch.device) -> Any:
-    """The FP model's passes (unit targets, kept FP inputs, TIAR's targets) under ``recon.fp_precision``:
-    f32 as the official code, or autocast to bf16 / f16, whose captures are stored back in float32."""
+def fp_pass(s: ReconSettings, dev: torch.device, capture: Any, *args: Any, **kwargs: Any) -> Any:
+    """``capture(*args, **kwargs)`` on the FP model (unit targets, kept FP inputs, TIAR's targets) under
+    ``recon.fp_precision``: f32 as the official code, or autocast to bf16 / f16 with what it captured stored
+    back in float32."""
     dtype = FP_DTYPES.get(s.fp_precision)
-    return nullcontext() if dtype is None else torch.autocast(device_type=dev.type, dtype=dtype)
+    if dtype is None:
+        return capture(*args, **kwargs)
+    with torch.autocast(device_type=dev.type, dtype=dtype):
+        return to_float32(capture(*args, **kwargs))
 
 
 def runner_from(trainer: Any) -> FabricRunner:
@@ -149,15 +152,11 @@ def weight_stage(
                                     desc=f"inputs of {unit.name}")
         fp_batches = _on(pool, dev).batches(cache_batch)
         if keep_fp is None:
-            with fp_autocast(s, dev):
-                targets = capture_outputs(fp_model, fp_modules[unit.name], fp_batches, _run, store,
-                                          desc=f"targets of {unit.name}")
-            targets = to_float32(targets)
+            targets = fp_pass(s, dev, capture_outputs, fp_model, fp_modules[unit.name], fp_batches, _run, store,
+                              desc=f"targets of {unit.name}")
         else:
-            with fp_autocast(s, dev):
-                fp_inputs, targets = capture_io(fp_model, fp_modules[unit.name], fp_batches, _run, store,
-                                                desc=f"targets of {unit.name}")
-            fp_inputs, targets = to_float32(fp_inputs), to_float32(targets)
+            fp_inputs, targets = fp_pass(s, dev, capture_io, fp_model, fp_modules[unit.name], fp_batches, _run,
+                                         store, desc=f"targets of {unit.name}")
             keep_fp.offer(unit.name, fp_inputs, targets)
             del fp_inputs
 
@@ -195,10 +194,8 @@ def lsq_stage(
             if not qs:
                 continue
             if got is None:
-                with fp_autocast(s, dev):
-                    got = capture_io(fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch), _run,
-                                     _storage(runner, cache_on), desc=f"FP inputs and targets of {unit.name}")
-                got = tuple(to_float32(v) for v in got)
+                got = fp_pass(s, dev, capture_io, fp_model, fp_modules[unit.name], _on(pool, dev).batches(cache_batch),
+                              _run, _storage(runner, cache_on), desc=f"FP inputs and targets of {unit.name}")
             inputs, targets = got
             del got
 
@@ -219,9 +216,8 @@ def tiar_stage(
     set_quant_state(qmodel, weight=True, act=False)
     modules = dict(qmodel.named_modules())
     layers = [modules[n] for n in temporal if isinstance(modules.get(n), QuantMixin) and modules[n].allow_weight_quant]
-    with torch.no_grad(), fp_autocast(s, runner.device):
-        targets = {k: v.to(runner.device) for k, v in tib_features(fp_model, t).items()}
-    targets = to_float32(targets)
+    with torch.no_grad():
+        targets = {k: v.to(runner.device) for k, v in fp_pass(s, runner.device, tib_features, fp_model, t).items()}
     t_dev = t.to(runner.device)
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:

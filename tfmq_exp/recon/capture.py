@@ -53,6 +53,8 @@ def to_float32(obj: Any) -> Any:
         return CachedCall([to_float32(a) for a in obj.args], {k: to_float32(v) for k, v in obj.kwargs.items()}, obj.n)
     if isinstance(obj, dict):
         return {k: to_float32(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(to_float32(v) for v in obj)
     return obj
 
 

@@ -37,7 +37,28 @@ def current_stage() -> str:
     return _stage[0]
 
 
+_interrupted = [False]
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _interrupted[0] = True
+    raise KeyboardInterrupt
+
+
+def install_sigint_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: a KeyboardInterrupt raised inside a
+    finalizer (a ``__del__`` running at that moment) is printed as "Exception ignored" and lost, and the run
+    would go on to write results; the next stage boundary raises it again."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
 def set_stage(name: str) -> None:
+    if _interrupted[0]:  # a Ctrl-C whose KeyboardInterrupt was swallowed: stop before the next stage
+        raise KeyboardInterrupt
     _stage[0] = name
     log.info("stage: %s", name)
 
